@@ -9,9 +9,10 @@ comes from its own seed, each image equals what its request alone would give.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -216,7 +217,7 @@ class Generator:
         if kind is PipelineKind.TXT2IMG:
             produced = self._txt2img(model, pipe, request, rows, common, callback)
         else:
-            produced = self._img2img(pipe, kind, request, rows, common)
+            produced = self._img2img(model, pipe, kind, request, rows, common)
         for row, image in zip(rows, produced, strict=True):
             job = jobs[row.request_index]
             job.images.append(image)
@@ -303,6 +304,7 @@ class Generator:
 
     def _img2img(
         self,
+        model: LoadedModel,
         pipe: Any,
         kind: PipelineKind,
         request: GenerationRequest,
@@ -313,49 +315,50 @@ class Generator:
         originals = [image_ops.flatten_alpha(image) for image in request.init_images]
         per_row = [originals[row.image_index % len(originals)] for row in rows]
         denoise = request.denoising_strength if request.denoising_strength is not None else 0.75
+        strength = min(max(denoise, 0.001), 0.999)
         steps = request.steps
-        if request.img2img_fix_steps and denoise > 0:
-            steps = int(request.steps / min(denoise, 0.999))
-        base = {"strength": min(denoise, 0.999), "num_inference_steps": steps, **common}
+        if request.img2img_fix_steps or int(steps * strength) < 1:
+            # A1111 runs int(steps * denoise) steps, but always at least one; with img2img_fix_steps, `steps`.
+            steps = math.ceil(max(request.steps if request.img2img_fix_steps else 1, 1) / strength)
+        base = {"strength": strength, "num_inference_steps": steps, **common}
         if kind is PipelineKind.IMG2IMG:
             resized = [
                 image_ops.resize_image(image, request.width, request.height, request.resize_mode) for image in per_row
             ]
             return list(pipe(image=resized, **base).images)
         assert request.mask is not None
-        full_image = [
-            image_ops.resize_image(image, request.width, request.height, request.resize_mode) for image in per_row
+        prepared = [
+            image_ops.prepare_inpaint(
+                image,
+                request.mask,
+                width=request.width,
+                height=request.height,
+                resize_mode=request.resize_mode,
+                invert=bool(request.inpainting_mask_invert),
+                blur_x=request.mask_blur_x,
+                blur_y=request.mask_blur_y,
+                full_res=request.inpaint_full_res,
+                padding=request.inpaint_full_res_padding,
+                inpainting_fill=request.inpainting_fill,
+            )
+            for image in per_row
         ]
-        mask = image_ops.prepare_mask(
-            request.mask,
-            width=request.width,
-            height=request.height,
-            resize_mode=request.resize_mode,
-            invert=bool(request.inpainting_mask_invert),
-            blur_x=request.mask_blur_x,
-            blur_y=request.mask_blur_y,
-        )
-        crop: image_ops.InpaintCrop | None = None
-        work_images, work_mask = full_image, mask
-        if request.inpaint_full_res:
-            crop = inpaint_crop(mask, request)
-            if crop is not None:
-                work_images = [
-                    image.crop(crop.region).resize((request.width, request.height), Image.Resampling.LANCZOS)
-                    for image in full_image
-                ]
-                work_mask = mask.crop(crop.region).resize((request.width, request.height), Image.Resampling.LANCZOS)
-        work_images = [image_ops.fill_masked_area(image, work_mask, request.inpainting_fill) for image in work_images]
+        if any(inputs is None for inputs in prepared):
+            # A blank mask with "Only masked": A1111 falls back to plain img2img.
+            plain = model.variant(PipelineKind.IMG2IMG)
+            plain.scheduler = pipe.scheduler
+            return self._img2img(model, plain, PipelineKind.IMG2IMG, replace(request, mask=None), rows, common)
+        ready = [inputs for inputs in prepared if inputs is not None]
         generated = pipe(
-            image=work_images,
-            mask_image=[work_mask] * len(rows),
+            image=[inputs.image for inputs in ready],
+            mask_image=[inputs.mask for inputs in ready],
             height=request.height,
             width=request.width,
             **base,
         ).images
         return [
-            image_ops.paste_back(original, image, mask, crop)
-            for original, image in zip(full_image, generated, strict=True)
+            image_ops.paste_back(inputs.original, image, inputs.overlay_mask, inputs.crop)
+            for inputs, image in zip(ready, generated, strict=True)
         ]
 
     # --------------------------------------------------------------------------------------------------- result
@@ -564,15 +567,6 @@ def hires_size(request: GenerationRequest) -> tuple[int, int]:
     else:
         width, height = int(request.width * request.hr_scale), int(request.height * request.hr_scale)
     return width // 8 * 8, height // 8 * 8
-
-
-def inpaint_crop(mask: Image.Image, request: GenerationRequest) -> image_ops.InpaintCrop | None:
-    """The "Only masked" region grown to the processing aspect ratio; None for a blank mask (plain img2img)."""
-    if mask.getbbox() is None:
-        return None
-    region = image_ops.crop_region(mask, request.inpaint_full_res_padding)
-    region = image_ops.expand_crop_region(region, request.width, request.height, mask.width, mask.height)
-    return image_ops.InpaintCrop(region=region)
 
 
 def _check_request(request: GenerationRequest) -> None:

@@ -26,7 +26,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from sd_core.architectures import SHIPPED_CONFIGS
 from sd_core.checkpoints import CONFIG_FOLDER_SUFFIX
 from sd_core.clip_vocab import EOS_TOKEN, write_tokenizer_folder
-from sd_core.ldm_convert import pipeline_to_ldm_state_dict, save_single_file, vae_to_ldm
+from sd_core.ldm_convert import peft_lora_to_kohya, pipeline_to_ldm_state_dict, save_single_file, vae_to_ldm
 
 log = logging.getLogger(__name__)
 
@@ -235,13 +235,10 @@ def _write_lora(pipe: StableDiffusionPipeline, path: Path, *, seed: int) -> None
     )
     pipe.unet.add_adapter(unet_config)
     pipe.text_encoder.add_adapter(text_config)
-    StableDiffusionPipeline.save_lora_weights(
-        str(path.parent),
-        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
-        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
-        weight_name=path.name,
-        safe_serialization=True,
-    )
+    peft_state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(pipe.unet).items()}
+    peft_state.update({f"text_encoder.{k}": v for k, v in get_peft_model_state_dict(pipe.text_encoder).items()})
+    # Written in kohya naming (lora_unet_*, lora_te_*), the format A1111 users' LoRA files have.
+    save_single_file(peft_lora_to_kohya(peft_state, alpha=4), path, metadata={"ss_output_name": TINY_LORA})
 
 
 def _write_vae(vae: AutoencoderKL, path: Path) -> None:
