@@ -186,7 +186,9 @@ class Generator:
             job.control.begin_batch()
         iteration = rows[0].image_index // max(1, request.batch_size) if len(jobs) == 1 else 0
         iterations = request.n_iter if len(jobs) == 1 else 1
-        pipe.scheduler = make_scheduler(lead.sampler, model.scheduler_config, seed=rows[0].seed)
+        sdxl = model.architecture.family is Family.SDXL
+        # One seed per image: DPM++ SDE draws its noise from per-image Brownian trees seeded this way.
+        pipe.scheduler = make_scheduler(lead.sampler, model.scheduler_config, seed=[r.seed for r in rows], sdxl=sdxl)
         encoder = PromptEncoder.from_pipeline(pipe)
         encoded = encoder.encode(
             [r.prompt for r in rows],
@@ -265,7 +267,7 @@ class Generator:
         )
         if not request.enable_hr or callback.stopped():
             return _as_images(pipe, output, first_pass_output)
-        return self._hires_pass(model, request, output.images, common, callback)
+        return self._hires_pass(model, request, output.images, common, callback, [r.seed for r in rows])
 
     def _hires_pass(
         self,
@@ -274,12 +276,16 @@ class Generator:
         latents: torch.Tensor,
         common: dict[str, Any],
         callback: _StepReporter,
+        seeds: list[int],
     ) -> list[Image.Image]:
         """Hires fix: upscale the first pass (in latent space, or decoded with a pixel upscaler), then img2img."""
         width, height = hires_size(request)
         pipe = model.variant(PipelineKind.IMG2IMG)
         pipe.scheduler = make_scheduler(
-            resolve_sampler(request.sampler_name, request.scheduler), model.scheduler_config, seed=None
+            resolve_sampler(request.sampler_name, request.scheduler),
+            model.scheduler_config,
+            seed=[seed + 1 for seed in seeds],
+            sdxl=model.architecture.family is Family.SDXL,
         )
         if request.hr_upscaler in LATENT_UPSCALE_MODES:
             mode, antialias = LATENT_UPSCALE_MODES[request.hr_upscaler]
@@ -661,7 +667,3 @@ def _decode_latents(pipe: Any, latents: torch.Tensor) -> list[Image.Image]:
 def _free_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def is_sdxl(model: LoadedModel) -> bool:
-    return model.architecture.family is Family.SDXL

@@ -54,7 +54,8 @@ class ModelPool:
     1. device-resident models not in use move to the RAM cache, least recently used first, until the new one fits
        in the budget (`SD_VRAM_BUDGET`; 0 means 90% of the GPU, or no limit on a CPU device);
     2. the RAM cache keeps `SD_RAM_CACHE_MODELS` models; the least recently used beyond that are freed.
-    A model in use is never moved or freed; when everything is in use the budget is exceeded rather than fail.
+    A model in use is never moved or freed; when everything is in use the budget is exceeded rather than fail,
+    and settled when models are released.
     """
 
     def __init__(self, config: CoreConfig, *, loader: Loader | None = None) -> None:
@@ -77,6 +78,8 @@ class ModelPool:
         finally:
             with self._lock:
                 entry.in_use -= 1
+                # A budget exceeded while everything was in use is settled as soon as models are released.
+                self._make_room(0, keep=key)
 
     def resident(self) -> list[ResidentModel]:
         """Most recently used first."""

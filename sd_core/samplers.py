@@ -185,7 +185,8 @@ SCHEDULES: tuple[ScheduleSpec, ...] = (
         kind=ScheduleKind.SPACING,
         config={"timestep_spacing": "linspace"},
     ),
-    # Timesteps 1, 1+1000//n, ...: "leading" with offset 1 (A1111 may run one step more when n does not divide 1000).
+    # Timesteps 1, 1+1000//n, ...: "leading" with offset 1. A1111 may run one step more when n does not divide
+    # 1000; diffusers' DPM-Solver and UniPC classes space "leading" by 1000//(n+1).
     ScheduleSpec(
         name="ddim",
         label="DDIM",
