@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def overhead_ratio(
     ours: list[float] = []
     plain: list[float] = []
     with engine.pool.acquire(info) as model:
-        pipe = model.pipeline
+        pipe: Any = model.pipeline
         scheduler = make_scheduler(resolve_sampler("Euler"), model.scheduler_config)
 
     def plain_call() -> None:
@@ -136,6 +137,7 @@ def build_full_size(models_dir: Path, family: str, dtype: torch.dtype) -> str:
         )
         components["tokenizer_2"] = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"))
     components["scheduler"] = EulerDiscreteScheduler.from_pretrained(str(folder), subfolder="scheduler")
+    pipe: Any
     if family == "sdxl":
         pipe = StableDiffusionXLPipeline(**components)
     else:

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
-    DiffusionPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -49,7 +48,8 @@ class PipelineKind(StrEnum):
     INPAINT = "inpaint"
 
 
-_PIPELINE_CLASSES: dict[tuple[bool, PipelineKind], type[DiffusionPipeline]] = {
+# diffusers pipelines are dynamic objects (components are attributes set at run time): typed as Any here.
+_PIPELINE_CLASSES: dict[tuple[bool, PipelineKind], Any] = {
     (False, PipelineKind.TXT2IMG): StableDiffusionPipeline,
     (False, PipelineKind.IMG2IMG): StableDiffusionImg2ImgPipeline,
     (False, PipelineKind.INPAINT): StableDiffusionInpaintPipeline,
@@ -76,10 +76,10 @@ class LoadedModel:
 
     checkpoint: CheckpointInfo
     vae: AuxiliaryModel | None
-    pipeline: DiffusionPipeline
+    pipeline: Any
     size_bytes: int
     lock: threading.Lock = field(default_factory=threading.Lock)
-    _variants: dict[PipelineKind, DiffusionPipeline] = field(default_factory=dict)
+    _variants: dict[PipelineKind, Any] = field(default_factory=dict)
     scheduler_config: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -162,7 +162,7 @@ def load_vae(vae: AuxiliaryModel, config_folder: Path, dtype: torch.dtype) -> Au
         raise CheckpointRefusedError(f"cannot load VAE {vae.name}: {error}") from error
 
 
-def pipeline_size_bytes(pipeline: DiffusionPipeline) -> int:
+def pipeline_size_bytes(pipeline: Any) -> int:
     total = 0
     for module in pipeline.components.values():
         if isinstance(module, torch.nn.Module):

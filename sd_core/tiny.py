@@ -11,6 +11,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import (
@@ -87,7 +88,7 @@ def write_tiny_models(
 # ------------------------------------------------------------------------------------------------- components
 
 
-def _tiny_vae(*, seed: int) -> AutoencoderKL:
+def _tiny_vae(*, seed: int) -> Any:
     """Four blocks like the real VAE, so one latent pixel is 8x8 image pixels, with 8-16 channels."""
     torch.manual_seed(seed)
     return AutoencoderKL(
@@ -127,7 +128,7 @@ def _tokenizer(folder: Path, *, pad_token: str) -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
 
 
-def tiny_sd1_pipeline(*, seed: int) -> StableDiffusionPipeline:
+def tiny_sd1_pipeline(*, seed: int) -> Any:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64),
@@ -158,7 +159,7 @@ def tiny_sd1_pipeline(*, seed: int) -> StableDiffusionPipeline:
     )
 
 
-def tiny_sdxl_pipeline(*, seed: int) -> StableDiffusionXLPipeline:
+def tiny_sdxl_pipeline(*, seed: int) -> Any:
     """The two text encoders have different widths (32 and 40): equal widths confuse single-file loading."""
     torch.manual_seed(seed)
     time_embed_dim = 8
@@ -201,7 +202,7 @@ def tiny_sdxl_pipeline(*, seed: int) -> StableDiffusionXLPipeline:
 # ------------------------------------------------------------------------------------------------------ writers
 
 
-def _write_diffusers(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, folder: Path) -> None:
+def _write_diffusers(pipe: Any, folder: Path) -> None:
     staging = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(staging, ignore_errors=True)
     pipe.save_pretrained(str(staging), safe_serialization=True)
@@ -209,9 +210,7 @@ def _write_diffusers(pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, 
     staging.rename(folder)
 
 
-def _write_single_file(
-    pipe: StableDiffusionPipeline | StableDiffusionXLPipeline, path: Path, architecture: str
-) -> None:
+def _write_single_file(pipe: Any, path: Path, architecture: str) -> None:
     """The weights in A1111's LDM layout, and beside them the configs only (no weights) as `<stem>.config/`."""
     save_single_file(pipeline_to_ldm_state_dict(pipe, architecture=architecture), path)
     config_folder = path.with_name(path.stem + CONFIG_FOLDER_SUFFIX)
@@ -221,7 +220,7 @@ def _write_single_file(
         shutil.copytree(scratch, config_folder, ignore=shutil.ignore_patterns(*(f"*{s}" for s in _WEIGHT_SUFFIXES)))
 
 
-def _write_lora(pipe: StableDiffusionPipeline, path: Path, *, seed: int) -> None:
+def _write_lora(pipe: Any, path: Path, *, seed: int) -> None:
     """A rank-4 LoRA on the tiny SD1 UNet's attention and text encoder, with non-zero random up weights."""
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
@@ -241,6 +240,6 @@ def _write_lora(pipe: StableDiffusionPipeline, path: Path, *, seed: int) -> None
     save_single_file(peft_lora_to_kohya(peft_state, alpha=4), path, metadata={"ss_output_name": TINY_LORA})
 
 
-def _write_vae(vae: AutoencoderKL, path: Path) -> None:
+def _write_vae(vae: Any, path: Path) -> None:
     """A standalone VAE in A1111's layout (encoder.*, decoder.*, quant_conv.*), shaped like the tiny SD1 VAE."""
     save_single_file(vae_to_ldm(vae, prefix=""), path)

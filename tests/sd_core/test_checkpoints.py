@@ -7,6 +7,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -28,10 +29,10 @@ def models_copy(tiny_models_dir: Path, tmp_path: Path) -> Path:
     return target
 
 
-def _registry(models_dir: Path, **config: object) -> CheckpointRegistry:
+def _registry(models_dir: Path, **config: Any) -> CheckpointRegistry:
     return CheckpointRegistry(
         CoreConfig(models_dir=models_dir, device="cpu", cache_dir=models_dir / ".cache", **config)
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_it_lists_single_files_and_diffusers_folders_with_a1111_titles(

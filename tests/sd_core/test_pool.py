@@ -35,8 +35,13 @@ def registry(tiny_models_dir: Path, tmp_path: Path) -> CheckpointRegistry:
 
 
 def _pool(registry: CheckpointRegistry, *, budget: int, ram_cache: int) -> tuple[ModelPool, CountingLoader]:
-    config = CoreConfig(models_dir=registry.config.models_dir, device="cpu", cache_dir=registry.config.cache_dir,
-                        vram_budget_bytes=budget, ram_cache_models=ram_cache)
+    config = CoreConfig(
+        models_dir=registry.config.models_dir,
+        device="cpu",
+        cache_dir=registry.config.cache_dir,
+        vram_budget_bytes=budget,
+        ram_cache_models=ram_cache,
+    )
     loader = CountingLoader(config)
     return ModelPool(config, loader=loader), loader
 
@@ -67,8 +72,9 @@ def test_it_loads_a_model_once_under_eight_concurrent_requests(registry: Checkpo
 
 
 def test_it_evicts_the_least_recently_used_model_to_ram_then_frees_it(registry: CheckpointRegistry):
-    sd1, sd1_folder, sdxl = (registry.resolve(n) for n in ("tiny-sd1.safetensors", "tiny-sd1-diffusers",
-                                                              "tiny-sdxl.safetensors"))
+    sd1, sd1_folder, sdxl = (
+        registry.resolve(n) for n in ("tiny-sd1.safetensors", "tiny-sd1-diffusers", "tiny-sdxl.safetensors")
+    )
     budget = 7_000_000  # one tiny SDXL (6.4 MB) or one tiny SD1 (3.7 MB) fits, not two models
     pool, loader = _pool(registry, budget=budget, ram_cache=1)
     with pool.acquire(sd1):
