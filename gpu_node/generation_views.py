@@ -46,8 +46,9 @@ def submit(user: str, kind: JobKind, payload: Any, *, detached: bool, job_id: st
     body: Mapping[str, Any] = payload if isinstance(payload, Mapping) else {}
     options = effective_options(user, body.get("override_settings"))
     request = build_generation_request(kind, body, options)
-    job = enqueue(user=user, kind=kind, payload=body, options=options, request=request, detached=detached,
-                  job_id=job_id)
+    job = enqueue(
+        user=user, kind=kind, payload=body, options=options, request=request, detached=detached, job_id=job_id
+    )
     get_worker().wake()
     return job
 
@@ -151,8 +152,17 @@ def progress_document(user: UserIdentity, *, job_id: str | None, include_image: 
 
 
 def _state(**values: Any) -> dict[str, Any]:
-    state = {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
-             "job_timestamp": "0", "job_no": 0, "sampling_step": 0, "sampling_steps": 0}
+    state = {
+        "skipped": False,
+        "interrupted": False,
+        "stopping_generation": False,
+        "job": "",
+        "job_count": 0,
+        "job_timestamp": "0",
+        "job_no": 0,
+        "sampling_step": 0,
+        "sampling_steps": 0,
+    }
     state.update(values)
     return state
 
@@ -165,9 +175,14 @@ def _queued_progress(job: Job, last_served: Mapping[str, Any]) -> dict[str, Any]
     place = queue_position(job, last_served)
     text = f"In queue: {place.position}/{place.total}" if place else "In queue"
     count = int(job.payload.get("n_iter") or 1) if isinstance(job.payload, dict) else 1
-    return {"progress": 0.0, "eta_relative": 0.0,
-            "state": _state(job="queued", job_count=count, job_timestamp=job.created_at.strftime("%Y%m%d%H%M%S")),
-            "current_image": None, "textinfo": text, "queue_position": place.position if place else None}
+    return {
+        "progress": 0.0,
+        "eta_relative": 0.0,
+        "state": _state(job="queued", job_count=count, job_timestamp=job.created_at.strftime("%Y%m%d%H%M%S")),
+        "current_image": None,
+        "textinfo": text,
+        "queue_position": place.position if place else None,
+    }
 
 
 def _running_progress(live: LiveJob, job: Job, include_image: bool) -> dict[str, Any]:
@@ -178,12 +193,22 @@ def _running_progress(live: LiveJob, job: Job, include_image: bool) -> dict[str,
     batch_no = step.batch_index if step else 0
     job_name = f"Batch {batch_no + 1} out of {batch_count}" if batch_count > 1 else f"scripts_{job.kind}"
     state = _state(
-        skipped=live.control.skipped.is_set(), interrupted=live.control.interrupted.is_set(), job=job_name,
-        job_count=batch_count, job_timestamp=live.timestamp, job_no=batch_no,
-        sampling_step=step.step if step else 0, sampling_steps=step.total_steps if step else 0,
+        skipped=live.control.skipped.is_set(),
+        interrupted=live.control.interrupted.is_set(),
+        job=job_name,
+        job_count=batch_count,
+        job_timestamp=live.timestamp,
+        job_no=batch_no,
+        sampling_step=step.step if step else 0,
+        sampling_steps=step.total_steps if step else 0,
     )
-    return {"progress": progress, "eta_relative": max(0.0, elapsed / progress - elapsed), "state": state,
-            "current_image": live.preview_png if include_image else None, "textinfo": None}
+    return {
+        "progress": progress,
+        "eta_relative": max(0.0, elapsed / progress - elapsed),
+        "state": state,
+        "current_image": live.preview_png if include_image else None,
+        "textinfo": None,
+    }
 
 
 # --------------------------------------------------------------------------------------- the balancer's API
@@ -248,14 +273,27 @@ def job_document(job: Job) -> dict[str, Any]:
     live = worker.live(str(job.id))
     place = queue_position(job, worker.last_served)
     progress = job.progress
-    if live is not None and live.progress is not None:
-        progress = live.progress.fraction
+    step = live.progress if live is not None else None
+    if step is not None:
+        progress = step.fraction
     document: dict[str, Any] = {
-        "id": str(job.id), "user": job.user, "kind": job.kind, "status": job.status, "progress": progress,
-        "queuePosition": place.position if place else None, "error": job.error or None,
-        "errorStatus": job.error_status, "createdAt": job.created_at.isoformat(),
+        "id": str(job.id),
+        "user": job.user,
+        "kind": job.kind,
+        "status": job.status,
+        "progress": progress,
+        "queuePosition": place.position if place else None,
+        "error": job.error or None,
+        "errorStatus": job.error_status,
+        "createdAt": job.created_at.isoformat(),
         "startedAt": job.started_at.isoformat() if job.started_at else None,
-        "finishedAt": job.finished_at.isoformat() if job.finished_at else None, "node": settings.SD_NODE_ID,
+        "finishedAt": job.finished_at.isoformat() if job.finished_at else None,
+        "node": settings.SD_NODE_ID,
+        "step": step.step if step else 0,
+        "steps": step.total_steps if step else 0,
+        "batch": step.batch_index if step else 0,
+        "batches": step.batch_count if step else 0,
+        "preview": live.preview_png if live is not None else None,
         "result": None,
     }
     if job.status in (JobStatus.SUCCEEDED, JobStatus.INTERRUPTED):
@@ -313,8 +351,15 @@ def _devices() -> list[dict[str, Any]]:
         devices = []
         for index in range(torch.cuda.device_count()):
             free, total = torch.cuda.mem_get_info(index)
-            devices.append({"type": "cuda", "index": index, "name": torch.cuda.get_device_name(index),
-                            "free_memory": free, "total_memory": total})
+            devices.append(
+                {
+                    "type": "cuda",
+                    "index": index,
+                    "name": torch.cuda.get_device_name(index),
+                    "free_memory": free,
+                    "total_memory": total,
+                }
+            )
         return devices
     memory = psutil.virtual_memory()
     return [{"type": "cpu", "index": 0, "name": "cpu", "free_memory": memory.available, "total_memory": memory.total}]
