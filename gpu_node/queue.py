@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -10,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from rest_framework.exceptions import ValidationError
 
 from gpu_node.errors import QueueFullError, UserQueueFullError
 from gpu_node.models import Job, JobKind, JobStatus
@@ -49,8 +51,13 @@ def enqueue(
 
     With `job_id` (the balancer's task id) it is idempotent: a second call returns the existing job.
     """
+    key: uuid.UUID | None = None
     if job_id is not None:
-        existing = Job.objects.filter(id=job_id).first()
+        try:
+            key = uuid.UUID(str(job_id))
+        except ValueError as error:
+            raise ValidationError({"id": ["must be a UUID"]}) from error
+        existing = Job.objects.filter(id=key).first()
         if existing is not None:
             return existing
     if Job.objects.active().count() >= settings.SD_MAX_QUEUE:
@@ -66,13 +73,13 @@ def enqueue(
         "image_count": request.image_count,
         "detached": detached,
     }
-    if job_id is None:
+    if key is None:
         return Job.objects.create(**fields)
     try:
         with transaction.atomic():
-            return Job.objects.create(id=job_id, **fields)
+            return Job.objects.create(id=key, **fields)
     except IntegrityError:
-        return Job.objects.get(id=job_id)
+        return Job.objects.get(id=key)
 
 
 def fair_order(queued: Sequence[Job], last_served: Mapping[str, datetime]) -> list[Job]:
