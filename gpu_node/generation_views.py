@@ -30,7 +30,12 @@ from gpu_node.models import Job, JobKind, JobStatus
 from gpu_node.options import effective_options
 from gpu_node.queue import enqueue, queue_position
 from gpu_node.runtime import BOOT_ID, get_engine, get_worker
-from gpu_node.serializers import build_generation_request
+from gpu_node.serializers import (
+    Img2ImgRequestSerializer,
+    Txt2ImgRequestSerializer,
+    build_generation_request,
+    request_body,
+)
 from gpu_node.worker import LiveJob, a1111_response
 
 log = logging.getLogger(__name__)
@@ -89,19 +94,20 @@ class GenerationView(NodeAPIView):
 
     kind = JobKind.TXT2IMG
 
-    @extend_schema(request=dict[str, Any], responses=dict[str, Any])
     def post(self, request: Request) -> Response:
         user = current_user(request)
-        job = wait_until_finished(submit(user.name, self.kind, request.data, detached=False), request)
+        job = wait_until_finished(submit(user.name, self.kind, request_body(request), detached=False), request)
         if job.status == JobStatus.FAILED:
             raise JobFailedError(status_code=job.error_status or 500, detail=job.error)
         return Response(a1111_response(job))
 
 
+@extend_schema(request=Txt2ImgRequestSerializer, responses=dict[str, Any], summary="txt2img (blocking, like A1111)")
 class Txt2ImgView(GenerationView):
     kind = JobKind.TXT2IMG
 
 
+@extend_schema(request=Img2ImgRequestSerializer, responses=dict[str, Any], summary="img2img (blocking, like A1111)")
 class Img2ImgView(GenerationView):
     kind = JobKind.IMG2IMG
 
@@ -230,7 +236,7 @@ class NodeJobsView(NodeSecretMixin, NodeAPIView):
     @extend_schema(request=dict[str, Any], responses=dict[str, Any])
     def post(self, request: Request) -> Response:
         self.check_node_secret(request)
-        body = request.data if isinstance(request.data, Mapping) else {}
+        body = request_body(request)
         kind = GENERATION_APIS.get(str(body.get("api", "")))
         if kind is None:
             raise ValidationError({"api": [f"must be one of {', '.join(GENERATION_APIS)}"]})

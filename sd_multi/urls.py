@@ -22,6 +22,12 @@ if settings.SD_NODE_ENABLED:
 if settings.SD_BALANCER_ENABLED:
     urlpatterns.append(path("", include("balancer.urls")))
 
+if settings.SD_NODE_ENABLED or settings.SD_BALANCER_ENABLED:
+    from gpu_node.info_views import UnknownEndpointView
+
+    # Last: an unknown A1111 path gets FastAPI's JSON 404, not Django's HTML page.
+    urlpatterns.append(re_path(r"^sdapi/", UnknownEndpointView.as_view()))
+
 if settings.SD_SERVE_STATIC:
     # The app's own static files without collectstatic or a web server in front (the demo, one machine);
     # behind Apache, SD_SERVE_STATIC=0 and Apache serves STATIC_ROOT.
