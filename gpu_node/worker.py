@@ -217,8 +217,16 @@ class Worker:
         metrics.JOBS.labels(status=job.status).inc()
         log.info(
             "job %s done user=%s node=%s model=%s size=%dx%d steps=%d images=%d status=%s duration=%.2fs",
-            job.id, job.user, settings.SD_NODE_ID, request.checkpoint, request.width, request.height, request.steps,
-            len(files), job.status, duration,
+            job.id,
+            job.user,
+            settings.SD_NODE_ID,
+            request.checkpoint,
+            request.width,
+            request.height,
+            request.steps,
+            len(files),
+            job.status,
+            duration,
         )
 
     def _fail_from_exception(self, job: Job, error: Exception) -> None:
@@ -233,8 +241,9 @@ class Worker:
     def _fail(self, job: Job, message: str, status: int) -> None:
         job.set_failed(message, http_status=status)
         metrics.JOBS.labels(status=JobStatus.FAILED).inc()
-        log.info("job %s failed user=%s node=%s status=%d error=%s", job.id, job.user, settings.SD_NODE_ID, status,
-                 message)
+        log.info(
+            "job %s failed user=%s node=%s status=%d error=%s", job.id, job.user, settings.SD_NODE_ID, status, message
+        )
         self._forget(str(job.id))
 
     def _forget(self, job_id: str) -> None:

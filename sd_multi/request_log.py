@@ -23,7 +23,11 @@ class RequestLogMiddleware:
             return response  # scraped every few seconds; logging them would drown the useful lines
         log.info(
             "%s %s %d %.3fs user=%s node=%s",
-            request.method, request.path, response.status_code, time.monotonic() - started, _user(request),
+            request.method,
+            request.path,
+            response.status_code,
+            time.monotonic() - started,
+            _user(request),
             settings.SD_NODE_ID,
         )
         return response

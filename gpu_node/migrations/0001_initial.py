@@ -6,45 +6,57 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
-    dependencies = [
-    ]
+    dependencies = []
 
     operations = [
         migrations.CreateModel(
-            name='UserOptions',
+            name="UserOptions",
             fields=[
-                ('user', models.CharField(max_length=150, primary_key=True, serialize=False)),
-                ('values', models.JSONField(default=dict)),
-                ('updated_at', models.DateTimeField(auto_now=True)),
+                ("user", models.CharField(max_length=150, primary_key=True, serialize=False)),
+                ("values", models.JSONField(default=dict)),
+                ("updated_at", models.DateTimeField(auto_now=True)),
             ],
         ),
         migrations.CreateModel(
-            name='Job',
+            name="Job",
             fields=[
-                ('id', models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
-                ('user', models.CharField(db_index=True, max_length=150)),
-                ('kind', models.CharField(choices=[('txt2img', 'Txt2Img'), ('img2img', 'Img2Img')], max_length=16)),
-                ('payload', models.JSONField()),
-                ('options', models.JSONField(blank=True, default=dict)),
-                ('batch_signature', models.CharField(blank=True, default='', max_length=200)),
-                ('image_count', models.PositiveIntegerField(default=1)),
-                ('status', models.CharField(choices=[('queued', 'Queued'), ('running', 'Running'), ('succeeded', 'Succeeded'), ('failed', 'Failed'), ('interrupted', 'Interrupted')], db_index=True, default='queued', max_length=16)),
-                ('detached', models.BooleanField(default=False)),
-                ('progress', models.FloatField(default=0.0)),
-                ('error', models.TextField(blank=True, default='')),
-                ('error_status', models.PositiveSmallIntegerField(blank=True, null=True)),
-                ('result', models.JSONField(blank=True, null=True)),
-                ('image_files', models.JSONField(blank=True, default=list)),
-                ('model_title', models.CharField(blank=True, default='', max_length=300)),
-                ('created_at', models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
-                ('started_at', models.DateTimeField(blank=True, null=True)),
-                ('finished_at', models.DateTimeField(blank=True, null=True)),
+                ("id", models.UUIDField(default=uuid.uuid4, editable=False, primary_key=True, serialize=False)),
+                ("user", models.CharField(db_index=True, max_length=150)),
+                ("kind", models.CharField(choices=[("txt2img", "Txt2Img"), ("img2img", "Img2Img")], max_length=16)),
+                ("payload", models.JSONField()),
+                ("options", models.JSONField(blank=True, default=dict)),
+                ("batch_signature", models.CharField(blank=True, default="", max_length=200)),
+                ("image_count", models.PositiveIntegerField(default=1)),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("queued", "Queued"),
+                            ("running", "Running"),
+                            ("succeeded", "Succeeded"),
+                            ("failed", "Failed"),
+                            ("interrupted", "Interrupted"),
+                        ],
+                        db_index=True,
+                        default="queued",
+                        max_length=16,
+                    ),
+                ),
+                ("detached", models.BooleanField(default=False)),
+                ("progress", models.FloatField(default=0.0)),
+                ("error", models.TextField(blank=True, default="")),
+                ("error_status", models.PositiveSmallIntegerField(blank=True, null=True)),
+                ("result", models.JSONField(blank=True, null=True)),
+                ("image_files", models.JSONField(blank=True, default=list)),
+                ("model_title", models.CharField(blank=True, default="", max_length=300)),
+                ("created_at", models.DateTimeField(db_index=True, default=django.utils.timezone.now)),
+                ("started_at", models.DateTimeField(blank=True, null=True)),
+                ("finished_at", models.DateTimeField(blank=True, null=True)),
             ],
             options={
-                'indexes': [models.Index(fields=['status', 'created_at'], name='gpu_node_jo_status_40d713_idx')],
+                "indexes": [models.Index(fields=["status", "created_at"], name="gpu_node_jo_status_40d713_idx")],
             },
         ),
     ]
