@@ -7,8 +7,9 @@ import requests
 
 def test_a_missing_or_non_object_body_is_a_422_and_nothing_runs(node_url: str):
     for data in ("", "[1, 2]", '"a string"'):
-        response = requests.post(f"{node_url}/sdapi/v1/txt2img", data=data, timeout=30,
-                                 headers={"Content-Type": "application/json"})
+        response = requests.post(
+            f"{node_url}/sdapi/v1/txt2img", data=data, timeout=30, headers={"Content-Type": "application/json"}
+        )
         assert response.status_code == 422, (data, response.text)
         assert response.json()["detail"][0]["loc"][0] == "body"
 

@@ -36,24 +36,34 @@ class FakeGeneratorForQueueTests:
         self.calls: list[list[str]] = []
         self.fail_with: Exception | None = None
 
-    def generate_batch(self, requests: list[GenerationRequest], *, controls: Any = None,
-                       on_steps: Any = None) -> list[GenerationResult]:
+    def generate_batch(
+        self, requests: list[GenerationRequest], *, controls: Any = None, on_steps: Any = None
+    ) -> list[GenerationResult]:
         self.calls.append([r.prompt for r in requests])
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None
             raise error
         return [
-            GenerationResult(images=(Image.new("RGB", (r.width, r.height)),) * r.image_count,
-                             infotexts=(r.prompt,) * r.image_count, seeds=(1,) * r.image_count,
-                             subseeds=(1,) * r.image_count, info={"prompt": r.prompt})
+            GenerationResult(
+                images=(Image.new("RGB", (r.width, r.height)),) * r.image_count,
+                infotexts=(r.prompt,) * r.image_count,
+                seeds=(1,) * r.image_count,
+                subseeds=(1,) * r.image_count,
+                info={"prompt": r.prompt},
+            )
             for r in requests
         ]
 
 
 @pytest.fixture
 def node_settings(tiny_models_dir: Path, tmp_path: Path) -> Iterator[None]:
-    with override_settings(SD_MODELS_DIR=str(tiny_models_dir), MEDIA_ROOT=str(tmp_path / "media"),
-                           SD_MAX_QUEUED_PER_USER=50, SD_MAX_QUEUE=100, SD_MAX_BATCH=8):
+    with override_settings(
+        SD_MODELS_DIR=str(tiny_models_dir),
+        MEDIA_ROOT=str(tmp_path / "media"),
+        SD_MAX_QUEUED_PER_USER=50,
+        SD_MAX_QUEUE=100,
+        SD_MAX_BATCH=8,
+    ):
         runtime.get_engine.cache_clear()
         yield
         runtime.get_engine.cache_clear()
@@ -115,8 +125,10 @@ class SpyEngine:
 def test_compatible_jobs_of_four_users_run_as_one_batch_and_equal_their_single_runs(node_settings: None):
     spy = SpyEngine(runtime.get_engine())
     worker = Worker(spy, max_batch=8)
-    jobs = [submit(f"user-{i}", JobKind.TXT2IMG, job_payload(f"a castle number {i}", seed=40 + i), detached=True)
-            for i in range(4)]
+    jobs = [
+        submit(f"user-{i}", JobKind.TXT2IMG, job_payload(f"a castle number {i}", seed=40 + i), detached=True)
+        for i in range(4)
+    ]
     assert worker.process_one()
     assert spy.batch_sizes == [4]
     for job in jobs:
@@ -177,14 +189,19 @@ def _first_image(job: Job) -> Image.Image:
 @pytest.mark.django_db(transaction=False)
 def test_queued_jobs_survive_a_killed_node_process(tiny_models_dir: Path, tmp_path: Path):
     """A real node process is killed with SIGKILL mid-job and restarted on the same database."""
-    node = ServerProcess(role="node", data_dir=tmp_path / "node",
-                         env={"SD_MODELS_DIR": str(tiny_models_dir), "SD_MAX_STEPS": "1000"})
+    node = ServerProcess(
+        role="node", data_dir=tmp_path / "node", env={"SD_MODELS_DIR": str(tiny_models_dir), "SD_MAX_STEPS": "1000"}
+    )
     node.start()
     try:
         ids = [f"00000000-0000-4000-8000-00000000000{i}" for i in range(4)]
         for index, job_id in enumerate(ids):
-            body = {"id": job_id, "api": "/sdapi/v1/txt2img", "user": f"user-{index}",
-                    "payload": {"prompt": "x", "steps": 400 if index == 0 else 2, "width": 64, "height": 64}}
+            body: dict[str, Any] = {
+                "id": job_id,
+                "api": "/sdapi/v1/txt2img",
+                "user": f"user-{index}",
+                "payload": {"prompt": "x", "steps": 400 if index == 0 else 2, "width": 64, "height": 64},
+            }
             assert requests.post(f"{node.url}/node/jobs", json=body, timeout=30).status_code == 202
         _wait_for(lambda: requests.get(f"{node.url}/node/jobs/{ids[0]}", timeout=10).json()["status"] == "running")
         node.kill(signal.SIGKILL)
@@ -192,8 +209,11 @@ def test_queued_jobs_survive_a_killed_node_process(tiny_models_dir: Path, tmp_pa
         first = requests.get(f"{node.url}/node/jobs/{ids[0]}", timeout=10).json()
         assert first["status"] == "failed" and "restarted" in first["error"]
         for job_id in ids[1:]:
-            _wait_for(lambda job_id=job_id: requests.get(f"{node.url}/node/jobs/{job_id}", timeout=10)
-                      .json()["status"] == "succeeded")
+            _wait_for(
+                lambda job_id=job_id: (
+                    requests.get(f"{node.url}/node/jobs/{job_id}", timeout=10).json()["status"] == "succeeded"
+                )
+            )
             assert requests.get(f"{node.url}/node/jobs/{job_id}", timeout=10).json()["result"]["images"]
     finally:
         node.stop()
@@ -206,4 +226,3 @@ def _wait_for(condition: Any, timeout: float = 60) -> None:
             return
         time.sleep(0.1)
     raise AssertionError("condition not reached in time")
-
