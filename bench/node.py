@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import requests
+import torch
 
 from sd_core.config import CoreConfig
 from sd_core.engine import Engine
@@ -40,19 +41,31 @@ def body(steps: int, size: int, seed: int = 1, prompt: str = "a lighthouse on a 
 
 
 def http_overhead(node: ServerProcess, engine: Engine, *, steps: int, size: int, repeats: int) -> float:
-    request = GenerationRequest(checkpoint="tiny-sd1.safetensors", prompt="a lighthouse on a cliff", steps=steps,
-                                width=size, height=size, seed=1, sampler_name="Euler")
+    request = GenerationRequest(
+        checkpoint="tiny-sd1.safetensors",
+        prompt="a lighthouse on a cliff",
+        steps=steps,
+        width=size,
+        height=size,
+        seed=1,
+        sampler_name="Euler",
+    )
     headers = {"X-User-Id": "bench"}
-    requests.post(f"{node.url}/sdapi/v1/options", json={"sd_model_checkpoint": "tiny-sd1.safetensors"},
-                  headers=headers, timeout=60).raise_for_status()
+    requests.post(
+        f"{node.url}/sdapi/v1/options",
+        json={"sd_model_checkpoint": "tiny-sd1.safetensors"},
+        headers=headers,
+        timeout=60,
+    ).raise_for_status()
     engine.generate(request)
     requests.post(f"{node.url}/sdapi/v1/txt2img", json=body(steps, size), headers=headers, timeout=120)
     http: list[float] = []
     local: list[float] = []
     for repeat in range(repeats):
         started = time.perf_counter()
-        requests.post(f"{node.url}/sdapi/v1/txt2img", json=body(steps, size), headers=headers,
-                      timeout=120).raise_for_status()
+        requests.post(
+            f"{node.url}/sdapi/v1/txt2img", json=body(steps, size), headers=headers, timeout=120
+        ).raise_for_status()
         http.append(time.perf_counter() - started)
         started = time.perf_counter()
         engine.generate(request)
@@ -66,8 +79,12 @@ def concurrent_throughput(node: ServerProcess, *, users: int, jobs_per_user: int
 
     def user_loop(index: int) -> None:
         for job in range(jobs_per_user):
-            requests.post(f"{node.url}/sdapi/v1/txt2img", json=body(steps, size, seed=index * 100 + job),
-                          headers={"X-User-Id": f"user-{index}"}, timeout=300).raise_for_status()
+            requests.post(
+                f"{node.url}/sdapi/v1/txt2img",
+                json=body(steps, size, seed=index * 100 + job),
+                headers={"X-User-Id": f"user-{index}"},
+                timeout=300,
+            ).raise_for_status()
 
     threads = [threading.Thread(target=user_loop, args=(index,)) for index in range(users)]
     started = time.perf_counter()
@@ -82,20 +99,36 @@ def fairness(node: ServerProcess, *, steps: int, size: int) -> float:
     """Mean wait of 3 light users behind a heavy user's 32 queued jobs, in units of one job's run time."""
     ids: dict[str, list[str]] = {"heavy": [], "light": []}
     for index in range(32):
-        job = requests.post(f"{node.url}/node/jobs", json={"api": "/sdapi/v1/txt2img", "user": "heavy",
-                                                           "id": f"00000000-0000-4000-8000-{index:012d}",
-                                                           "payload": body(steps, size, seed=index)}, timeout=30)
+        job = requests.post(
+            f"{node.url}/node/jobs",
+            json={
+                "api": "/sdapi/v1/txt2img",
+                "user": "heavy",
+                "id": f"00000000-0000-4000-8000-{index:012d}",
+                "payload": body(steps, size, seed=index),
+            },
+            timeout=30,
+        )
         ids["heavy"].append(job.json()["id"])
     for index in range(3):
-        job = requests.post(f"{node.url}/node/jobs", json={"api": "/sdapi/v1/txt2img", "user": f"light-{index}",
-                                                           "id": f"10000000-0000-4000-8000-{index:012d}",
-                                                           "payload": body(steps, size, seed=999 + index)}, timeout=30)
+        job = requests.post(
+            f"{node.url}/node/jobs",
+            json={
+                "api": "/sdapi/v1/txt2img",
+                "user": f"light-{index}",
+                "id": f"10000000-0000-4000-8000-{index:012d}",
+                "payload": body(steps, size, seed=999 + index),
+            },
+            timeout=30,
+        )
         ids["light"].append(job.json()["id"])
     documents: dict[str, dict[str, Any]] = {}
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
-        documents = {job_id: requests.get(f"{node.url}/node/jobs/{job_id}", timeout=30).json()
-                     for job_id in ids["heavy"] + ids["light"]}
+        documents = {
+            job_id: requests.get(f"{node.url}/node/jobs/{job_id}", timeout=30).json()
+            for job_id in ids["heavy"] + ids["light"]
+        }
         done = sum(doc["status"] == "succeeded" for doc in documents.values())
         if done == len(documents):
             break
@@ -122,14 +155,23 @@ def main() -> None:
         root = Path(scratch)
         log("writing the tiny models")
         write_tiny_models(root / "models", progress=log)
-        env = {"SD_MODELS_DIR": str(root / "models"), "SD_MAX_QUEUED_PER_USER": "64", "SD_MAX_STEPS": "1000"}
+        # Both sides get the same torch thread count, so the ratio measures HTTP and queueing, not threading.
+        threads = str(torch.get_num_threads())
+        env = {
+            "SD_MODELS_DIR": str(root / "models"),
+            "SD_MAX_QUEUED_PER_USER": "64",
+            "SD_MAX_STEPS": "1000",
+            "OMP_NUM_THREADS": threads,
+        }
+        log(f"torch threads: {threads} in this process and in the node processes")
         engine = Engine(CoreConfig(models_dir=root / "models", cache_dir=root / "cache"))
 
         node = ServerProcess(role="node", data_dir=root / "node-batched", env={**env, "SD_MAX_BATCH": "8"}).start()
         try:
             log("HTTP end to end vs in-process generate")
-            results["http_overhead_ratio"] = http_overhead(node, engine, steps=args.steps, size=args.size,
-                                                           repeats=args.repeats)
+            results["http_overhead_ratio"] = http_overhead(
+                node, engine, steps=args.steps, size=args.size, repeats=args.repeats
+            )
             log("8 concurrent users, batching on")
             batched = concurrent_throughput(node, users=8, jobs_per_user=3, steps=args.steps, size=args.size)
         finally:
