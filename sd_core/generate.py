@@ -376,6 +376,8 @@ class Generator:
             self._infotext(job, seed, subseed)
             for seed, subseed in zip(job.image_seeds, job.image_subseeds, strict=True)
         ]
+        for image, infotext in zip(job.images, infotexts, strict=True):
+            image.info["parameters"] = infotext  # what A1111 writes as the PNG `parameters` chunk
         extra = self._extra_params(job)
         info: dict[str, object] = {
             "prompt": request.prompt,

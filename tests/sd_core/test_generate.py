@@ -124,6 +124,7 @@ def test_it_writes_the_infotext_into_the_png_and_reads_it_back(engine: Engine):
     assert text.splitlines()[0] == "a red house"
     assert text.splitlines()[1] == "Negative prompt: blurry"
     assert "Steps: 3, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 5.5, Seed: 1234, Size: 64x64" in text
+    assert result.images[0].info["parameters"] == text
     png = encode_image(result.images[0], infotext=text)
     assert read_infotext(png) == text
     parsed = parse_infotext(read_infotext(png))
