@@ -49,3 +49,6 @@ def get_worker() -> Worker:
 def start_node() -> None:
     """Start the worker thread (called once by the WSGI entry point of a process serving the node role)."""
     get_worker().start()
+    from gpu_node.registration import start_registration
+
+    start_registration()

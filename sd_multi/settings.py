@@ -134,6 +134,11 @@ SD_BALANCER_URL = _checked_url("SD_BALANCER_URL", _balancer_url) if _balancer_ur
 SD_HEALTH_INTERVAL = env_float("SD_HEALTH_INTERVAL", 2.0, minimum=0.1)
 SD_PIN_TTL = env_int("SD_PIN_TTL", 300, minimum=1)
 SD_TASK_MAX_ATTEMPTS = env_int("SD_TASK_MAX_ATTEMPTS", 3, minimum=1)
+SD_TASK_DISPATCHER = env_choice("SD_TASK_DISPATCHER", ("thread", "command"), "thread")
+_local_node_url = env_str("SD_LOCAL_NODE_URL", "http://127.0.0.1:7860")
+SD_LOCAL_NODE_URL = _checked_url("SD_LOCAL_NODE_URL", _local_node_url)
+_node_url = env_str("SD_NODE_URL")
+SD_NODE_URL = _checked_url("SD_NODE_URL", _node_url) if _node_url else ""
 SD_WEBHOOK_SECRET = env_secret("SD_WEBHOOK_SECRET")
 SD_WEBHOOK_ALLOW_PRIVATE = env_bool("SD_WEBHOOK_ALLOW_PRIVATE", False)
 
