@@ -204,6 +204,11 @@ ensure_test_services() {
     else
         missing+=(Redis)
     fi
+    # The browser tests drive Debian's Chromium (never a browser download).
+    if [ ! -x /usr/bin/chromium ]; then
+        log "installing Debian's chromium for the browser tests"
+        as_root sh -c 'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null || missing+=(Chromium)
+    fi
     if [ "${#missing[@]}" -gt 0 ]; then
         if is_ci; then die "not available under CI: ${missing[*]}"; fi
         log "warning: not available: ${missing[*]}; the tests that need them are skipped"

@@ -18,6 +18,7 @@ from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from rest_framework.authentication import (
     BaseAuthentication,
     BasicAuthentication,
+    SessionAuthentication,
     TokenAuthentication,
     get_authorization_header,
 )
@@ -266,7 +267,13 @@ class NodeAPIView(APIView):
     """Base of every node API view: who may call (logins, token mode), JSON out, A1111's error shapes, and A1111's
     X-Process-Time header on every response."""
 
-    authentication_classes = [SignedUserAuthentication, BearerTokenAuthentication, A1111BasicAuthentication]
+    # Sessions last: the /multi_demo/ page's logged-in browser (CSRF-checked on unsafe methods); API clients send none.
+    authentication_classes = [
+        SignedUserAuthentication,
+        BearerTokenAuthentication,
+        A1111BasicAuthentication,
+        SessionAuthentication,
+    ]
     permission_classes = [TokenModePermission]
     renderer_classes = [A1111JSONRenderer]
     _started = 0.0

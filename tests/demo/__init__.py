@@ -1,0 +1,1 @@
+"""Browser tests of the /multi_demo/ page (headless Chromium through Playwright)."""
