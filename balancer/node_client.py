@@ -16,18 +16,15 @@ from urllib.parse import quote
 import requests
 from django.conf import settings
 from requests.adapters import HTTPAdapter
-from urllib3 import PoolManager, Timeout
-from urllib3.connectionpool import connection_from_url
 from urllib3.exceptions import (
     ConnectTimeoutError,
-    HTTPError,
     MaxRetryError,
     NameResolutionError,
     NewConnectionError,
-    ProtocolError,
     ReadTimeoutError,
 )
 
+from balancer.transport import ConnectFailed, ExchangeFailed, NodeConnections
 from gpu_node.identity import sign_user_header
 
 CONNECT_TIMEOUT = 2.0
@@ -133,7 +130,8 @@ def unreachable(url: str, error: Exception) -> NodeUnreachable:
 
 
 class HttpNodeClient:
-    """One pooled `requests` session (its urllib3 pools shared by every thread), connect timeout CONNECT_TIMEOUT."""
+    """A pooled `requests` session for health and the job API, and keep-alive connections (balancer.transport) for
+    forwarded calls; connect timeout CONNECT_TIMEOUT."""
 
     def __init__(self, *, health_timeout: float = HEALTH_TIMEOUT, jobs_timeout: float = JOBS_TIMEOUT) -> None:
         self.health_timeout = health_timeout
@@ -143,7 +141,7 @@ class HttpNodeClient:
         adapter = HTTPAdapter(pool_connections=POOL_SIZE, pool_maxsize=POOL_SIZE, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
-        self.pools: PoolManager = adapter.poolmanager
+        self.connections = NodeConnections(max_idle_per_node=POOL_SIZE, connect_timeout=CONNECT_TIMEOUT)
         # Never pick up proxies or .netrc credentials from the environment for node-internal calls, and never keep
         # a cookie a node sets: the session is shared by every user.
         self.session.trust_env = False
@@ -188,40 +186,29 @@ class HttpNodeClient:
         query: str,
         timeout: float,
     ) -> ForwardedResponse:
-        """Send one proxied call through urllib3 (the session's own pools, without requests' per-call overhead on
-        the hot path: progress polls). The body goes back byte for byte, with its Content-Encoding.
+        """Send one proxied call (balancer.transport). The body goes back byte for byte, with its Content-Encoding.
 
-        1. Idempotent calls use a pooled keep-alive connection; when that connection turns out to be dropped by the
-           node (an idle keep-alive it closed), the call is sent once more on a new connection.
+        1. Idempotent calls use a pooled keep-alive connection; when it turns out the node had closed that idle
+           connection (no byte of an answer came back), the call is sent once more on a new connection.
         2. Other calls (a generation) get a connection of their own: a failure is then never a stale connection,
            so a refused one surely did not reach the node and anything later surely did.
         """
         target = f"{path}?{query}" if query else path
-        request_timeout = Timeout(connect=CONNECT_TIMEOUT, read=timeout)
         idempotent = method.upper() in IDEMPOTENT_METHODS
         for attempt in range(2):
-            pool = self.pools.connection_from_url(url) if idempotent else connection_from_url(url, maxsize=1)
             try:
-                response = pool.urlopen(
-                    method, target, body=body, headers=dict(headers), timeout=request_timeout, retries=False,
-                    redirect=False, preload_content=False, decode_content=False,
-                )  # fmt: skip
-                content = response.read(decode_content=False)
-                response.release_conn()
-            except ProtocolError as error:
-                if idempotent and attempt == 0:
+                answer = self.connections.exchange(
+                    url, method, target, headers=headers, body=body, timeout=timeout, reuse=idempotent
+                )
+            except ConnectFailed as error:
+                raise NodeUnreachable(url, error.reason, retry_safe=True) from error
+            except ExchangeFailed as error:
+                if idempotent and error.before_answer and attempt == 0:
                     continue
-                raise unreachable(url, error) from error
-            except (HTTPError, OSError) as error:
-                raise unreachable(url, error) from error
-            finally:
-                if not idempotent:
-                    pool.close()
-            kept = tuple(
-                (key, value) for key, value in response.headers.items() if key.lower() not in HOP_BY_HOP_HEADERS
-            )
-            return ForwardedResponse(status=response.status, headers=kept, body=content, node_url=url)
-        raise AssertionError("unreachable: the loop returns or raises")
+                raise NodeUnreachable(url, error.reason, retry_safe=False) from error
+            kept = tuple((key, value) for key, value in answer.headers if key.lower() not in HOP_BY_HOP_HEADERS)
+            return ForwardedResponse(status=answer.status, headers=kept, body=answer.body, node_url=url)
+        raise AssertionError("the loop returns or raises")
 
     def _call(
         self,

@@ -23,7 +23,6 @@ from django.utils import timezone
 
 from balancer.models import Node, NodeSource
 
-DEFAULT_LOCAL_NODE_URL = "http://127.0.0.1:7860"
 CHANGE_LISTENERS: list[Callable[[], None]] = []  # told when a node or its health changes (routing drops its memo)
 SNAPSHOT_TTL = 10.0  # seconds; writers refresh it at once, the TTL only bounds how stale an outside edit can be
 
@@ -58,7 +57,7 @@ def _cluster_id() -> str:
 
 
 def local_node_url() -> str:
-    return str(settings.SD_LOCAL_NODE_URL or DEFAULT_LOCAL_NODE_URL).rstrip("/")
+    return str(settings.SD_LOCAL_NODE_URL).rstrip("/")
 
 
 def static_urls() -> list[str]:

@@ -8,6 +8,10 @@ from django.urls import URLPattern, URLResolver, include, path, re_path
 from balancer import views
 
 urlpatterns: list[URLPattern | URLResolver] = [
+    # The A1111 API first: progress polls are most of the traffic, and each pattern tried costs a little.
+    re_path(r"^sdapi/v1/.+$", views.api_proxy, name="balancer-api"),
+    path("txt2img_v2/", views.api_proxy, name="balancer-txt2img-v2"),
+    path("img2img_v2/", views.api_proxy, name="balancer-img2img-v2"),
     path("balancer/status", views.status, name="balancer-status"),
     path("balancer/metrics", views.metrics_view, name="balancer-metrics"),
     path("balancer/nodes/register", views.register_node, name="balancer-node-register"),
@@ -15,9 +19,6 @@ urlpatterns: list[URLPattern | URLResolver] = [
     path("balancer/nodes/<int:node_id>/undrain", views.drain_node, {"draining": False}, name="balancer-node-undrain"),
     path("", include("balancer.task_urls")),
     path("", include("balancer.demo_urls")),
-    re_path(r"^sdapi/v1/.+$", views.api_proxy, name="balancer-api"),
-    path("txt2img_v2/", views.api_proxy, name="balancer-txt2img-v2"),
-    path("img2img_v2/", views.api_proxy, name="balancer-img2img-v2"),
 ]
 
 if settings.SD_ROLE == "balancer":

@@ -1,6 +1,6 @@
 """Balancer benchmark: the latency the balancer adds to a call, and how many progress polls per second it serves.
 
-    python -m bench.balancer [--workers 2] [--threads 32] [--pollers 64] [--seconds 10] [--cache redis://...]
+    python -m bench.balancer [--workers 2] [--threads 4] [--pollers 64] [--seconds 10] [--cache redis://...]
 
 Both are measured against a fake node (tests/balancer/fake_node.py: an asyncio server that answers instantly), so
 the figures are the balancer's own cost, not a GPU's:
@@ -114,9 +114,7 @@ def added_latency(balancer_url: str, node_url: str, *, calls: int) -> tuple[floa
 async def _poller(host: str, port: int, user: str, stop_at: float, counting_from: float, counts: list[int]) -> None:
     """One keep-alive connection polling progress; counts the answers completed after `counting_from`."""
     reader, writer = await asyncio.open_connection(host, port)
-    request = (
-        f"GET /sdapi/v1/progress HTTP/1.1\r\nHost: {host}:{port}\r\nX-User-Id: {user}\r\n\r\n".encode()
-    )
+    request = f"GET /sdapi/v1/progress HTTP/1.1\r\nHost: {host}:{port}\r\nX-User-Id: {user}\r\n\r\n".encode()
     done = 0
     try:
         while (now := time.monotonic()) < stop_at:
@@ -156,7 +154,7 @@ def polls_per_second(balancer_url: str, *, pollers: int, warmup: float, seconds:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--pollers", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--calls", type=int, default=1000, help="sequential calls per side for the latency")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from gpu_node.registration import start_registration
 from gpu_node.worker import Worker
 from sd_core.config import CoreConfig
 from sd_core.engine import Engine
@@ -49,6 +50,4 @@ def get_worker() -> Worker:
 def start_node() -> None:
     """Start the worker thread (called once by the WSGI entry point of a process serving the node role)."""
     get_worker().start()
-    from gpu_node.registration import start_registration
-
     start_registration()

@@ -27,8 +27,15 @@ def clean_environment(extra: Mapping[str, str]) -> dict[str, str]:
     """This process's environment without the project's settings, plus `extra`."""
     prefixes = ("SD_", "DJANGO_", "DATABASE_URL", "CACHE_URL", "REDIS_URL", "MEDIA_ROOT")
     env = {key: value for key, value in os.environ.items() if not key.startswith(prefixes)}
-    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "DJANGO_SETTINGS_MODULE": "sd_multi.settings", "OMP_NUM_THREADS": "1"})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "DJANGO_SETTINGS_MODULE": "sd_multi.settings",
+            "OMP_NUM_THREADS": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -43,28 +50,51 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.threads = threads
         data_dir.mkdir(parents=True, exist_ok=True)
-        self.env = clean_environment({
-            "SD_ROLE": role,
-            "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
-            "MEDIA_ROOT": str(data_dir / "media"),
-            "SD_NODE_ID": f"{role}-{self.port}",
-            "SD_LOG_LEVEL": "info",
-            **(env or {}),
-        })
+        self.env = clean_environment(
+            {
+                "SD_ROLE": role,
+                "DATABASE_URL": f"sqlite:///{data_dir / 'db.sqlite3'}",
+                "MEDIA_ROOT": str(data_dir / "media"),
+                "SD_NODE_ID": f"{role}-{self.port}",
+                "SD_LOG_LEVEL": "info",
+                **(env or {}),
+            }
+        )
         self.process: subprocess.Popen[bytes] | None = None
         self.log_path = data_dir / f"server-{self.port}.log"
 
     def migrate(self) -> None:
-        subprocess.run([sys.executable, "manage.py", "migrate", "--no-input", "-v", "0"], cwd=REPO, env=self.env,
-                       check=True, timeout=120)
+        subprocess.run(
+            [sys.executable, "manage.py", "migrate", "--no-input", "-v", "0"],
+            cwd=REPO,
+            env=self.env,
+            check=True,
+            timeout=120,
+        )
 
     def start(self, *, wait_for: str = "/node/health", timeout: float = 60.0) -> ServerProcess:
         self.migrate()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [str(GUNICORN), "sd_multi.wsgi:application", "--bind", f"127.0.0.1:{self.port}", "--workers", "1",
-             "--threads", str(self.threads), "--timeout", "0", "--graceful-timeout", "2"],
-            cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(GUNICORN),
+                "sd_multi.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{self.port}",
+                "--workers",
+                "1",
+                "--threads",
+                str(self.threads),
+                "--timeout",
+                "0",
+                "--graceful-timeout",
+                "2",
+            ],
+            cwd=REPO,
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -102,7 +102,7 @@ def test_it_pins_new_cycles_to_the_least_loaded_node(
 
 def _submit_node_job(node_url: str, **fields: Any) -> str:
     job_id = str(uuid.uuid4())
-    body = {"id": job_id, "api": "/sdapi/v1/txt2img", "user": "load-maker",
+    body: dict[str, Any] = {"id": job_id, "api": "/sdapi/v1/txt2img", "user": "load-maker",
             "payload": {"prompt": "load", "width": 64, "height": 64, **fields}}  # fmt: skip
     response = requests.post(f"{node_url}/node/jobs", json=body, headers={"X-SD-Node-Secret": NODE_SECRET}, timeout=30)
     assert response.status_code == 202, response.text

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import requests
-from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.test import Client, override_settings
@@ -118,7 +117,6 @@ def test_it_refuses_registrations_without_the_node_secret_or_with_a_bad_url(lone
     assert status(lonely_balancer.url)["total"] == 0
 
 
-@pytest.mark.skipif(not hasattr(settings, "SD_NODE_URL"), reason="needs the SD_NODE_URL setting (the lead adds it)")
 def test_it_takes_a_real_node_started_with_sd_balancer_url(
     lonely_balancer: ServerProcess, tiny_models_dir: Path
 ) -> None:

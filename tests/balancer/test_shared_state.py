@@ -40,7 +40,8 @@ def two_balancers(
 ) -> list[ServerProcess]:
     pair = [balancers(two_nodes, env=cluster_env), balancers(two_nodes, env=cluster_env)]
     for balancer in pair:
-        wait_until(lambda balancer=balancer: status(balancer.url)["up"] == 2, what="both nodes up")
+        url = balancer.url
+        wait_until(lambda url=url: bool(status(url)["up"] == 2), what="both nodes up")  # type: ignore[misc]
     return pair
 
 
