@@ -4,7 +4,9 @@ and on PostgreSQL: a user may reach either balancer mid-cycle."""
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -15,6 +17,7 @@ from tests.balancer.conftest import (
     drain,
     fresh_postgres_database,
     node_entry,
+    start_balancer,
     status,
     txt2img,
     unique_user,
@@ -23,26 +26,30 @@ from tests.balancer.conftest import (
 from tests.processes import ServerProcess
 
 
-@pytest.fixture(params=["sqlite-redis", "postgres-redis"])
-def cluster_env(request: pytest.FixtureRequest, redis_url: str) -> Iterator[dict[str, str]]:
-    """What two balancers of one cluster share: the database and Redis."""
-    if request.param == "sqlite-redis":
-        shared = Path(tempfile.mkdtemp(prefix="balancer-cluster-")) / "db.sqlite3"
-        yield {"DATABASE_URL": f"sqlite:///{shared}", "REDIS_URL": redis_url}
-        return
-    with fresh_postgres_database(request.getfixturevalue("postgres_url")) as database_url:
-        yield {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
-
-
-@pytest.fixture
+@pytest.fixture(scope="module", params=["sqlite-redis", "postgres-redis"])
 def two_balancers(
-    two_nodes: list[ServerProcess], balancers: Callable[..., ServerProcess], cluster_env: dict[str, str]
-) -> list[ServerProcess]:
-    pair = [balancers(two_nodes, env=cluster_env), balancers(two_nodes, env=cluster_env)]
-    for balancer in pair:
-        url = balancer.url
-        wait_until(lambda url=url: bool(status(url)["up"] == 2), what="both nodes up")  # type: ignore[misc]
-    return pair
+    request: pytest.FixtureRequest, two_nodes: list[ServerProcess], redis_url: str
+) -> Iterator[list[ServerProcess]]:
+    """Two balancers of one cluster: they share the database (SQLite file or a fresh PostgreSQL database) and Redis.
+    Started side by side, once per module and backend; tests use their own users and undo their drains."""
+    with ExitStack() as stack:
+        if request.param == "sqlite-redis":
+            shared = Path(tempfile.mkdtemp(prefix="balancer-cluster-")) / "db.sqlite3"
+            database_url = f"sqlite:///{shared}"
+        else:
+            database_url = stack.enter_context(fresh_postgres_database(request.getfixturevalue("postgres_url")))
+        env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url}
+        ServerProcess(role="balancer", data_dir=Path(tempfile.mkdtemp(prefix="balancer-")), env=env).migrate()
+
+        def start(_: int) -> ServerProcess:  # the database is migrated: starting both at once is safe
+            return start_balancer(two_nodes, env=env)
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            pair = list(pool.map(start, range(2)))
+        for balancer in pair:
+            stack.callback(balancer.stop)
+        wait_until(lambda: all(status(balancer.url)["up"] == 2 for balancer in pair), what="both nodes up")
+        yield pair
 
 
 def test_it_keeps_a_users_pin_whichever_balancer_they_reach(two_balancers: list[ServerProcess]) -> None:
