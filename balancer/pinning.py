@@ -82,32 +82,65 @@ _local_pins: dict[str, float] = {}
 _local_pins_lock = threading.Lock()
 
 
-def _remember_local(key: str) -> None:
+def _remember_local(key: str, pin: Pin | None = None) -> None:
     _touched[key] = time.monotonic()
+    if pin is not None:
+        _memorize(key, pin)
     with _local_pins_lock:
         _local_pins[key] = time.monotonic() + settings.SD_PIN_TTL
 
 
-def current_pin(pin_key: str) -> Pin | None:
-    pin = cache.get(_key(pin_key))
-    return pin if isinstance(pin, Pin) else None
+# A user polling progress reads their pin several times a second; within one process a pin read less than
+# PIN_MEMO_SECONDS ago is reused (a cache round trip is the largest part of a poll's cost). Only pins found are kept,
+# never their absence (a user pinned by another process is seen at once), every write here updates the copy, and a
+# pin is re-read before it is dropped.
+PIN_MEMO_SECONDS = 1.0
+_pin_memo: dict[str, tuple[float, Pin]] = {}
 
 
-def lookup(pin_key: str) -> PinLookup:
+def _memorize(key: str, pin: Pin | None) -> None:
+    if pin is None:
+        _pin_memo.pop(key, None)
+        return
+    if len(_pin_memo) > 100_000:  # bounded; a forgotten entry only costs one cache read
+        _pin_memo.clear()
+    _pin_memo[key] = (time.monotonic(), pin)
+
+
+def current_pin(pin_key: str, *, fresh: bool = False) -> Pin | None:
+    """The caller's pin; `fresh` reads the cache even when this process read it a moment ago."""
+    key = _key(pin_key)
+    memo = None if fresh else _pin_memo.get(key)
+    if memo is not None and time.monotonic() - memo[0] < PIN_MEMO_SECONDS:
+        return memo[1]
+    found = cache.get(key)
+    pin = found if isinstance(found, Pin) else None
+    _memorize(key, pin)
+    return pin
+
+
+def lookup(pin_key: str, *, fresh: bool = False) -> PinLookup:
     """The caller's pin and its node, for calls inside a cycle (progress, interrupt, skip, options).
 
     1. No pin: NONE.
     2. A pin whose node is healthy (draining or not: pinned users finish their cycle) with the same boot: LIVE.
-    3. Otherwise the pin is dropped; LOST when a generation was running on it or had failed with it, else NONE.
+    3. Otherwise the pin, read again from the cache (another process may have replaced it), is judged the same way;
+       when it still fails it is dropped: LOST when a generation was running on it or had failed with it, else NONE.
     """
-    pin = current_pin(pin_key)
-    if pin is None:
-        return PinLookup(state=PinState.NONE)
-    node = routing.node_state(pin.node_url)
-    if not pin.lost and node is not None and node.healthy and node.boot_id == pin.boot_id:
-        return PinLookup(state=PinState.LIVE, pin=pin, node=node)
-    unpin(pin_key)
-    return PinLookup(state=PinState.LOST if pin.generating or pin.lost else PinState.NONE, pin=pin, node=node)
+    pin = current_pin(pin_key, fresh=fresh)
+    for attempt in range(2):
+        if pin is None:
+            return PinLookup(state=PinState.NONE)
+        node = routing.node_state(pin.node_url)
+        if not pin.lost and node is not None and node.healthy and node.boot_id == pin.boot_id:
+            return PinLookup(state=PinState.LIVE, pin=pin, node=node)
+        latest = current_pin(pin_key, fresh=True)
+        if attempt == 0 and latest != pin:
+            pin = latest
+            continue
+        unpin(pin_key)
+        return PinLookup(state=PinState.LOST if pin.generating or pin.lost else PinState.NONE, pin=pin, node=node)
+    raise AssertionError("the loop returns")
 
 
 def start_cycle(
@@ -122,7 +155,7 @@ def start_cycle(
        its pin wins and is used.
     Returns the decision (None when no node qualifies) and what the previous pin was.
     """
-    previous = lookup(pin_key)
+    previous = lookup(pin_key, fresh=True)  # a cycle starts from the pin every process agrees on
     if previous.state is PinState.LIVE and previous.node is not None and previous.pin is not None:
         if previous.node.url not in exclude and (model is None or previous.node.can_load(model)):
             refresh(pin_key)
@@ -138,13 +171,13 @@ def start_cycle(
         return None, previous
     pin = Pin(node_url=node.url, node_id=node.node_id, boot_id=node.boot_id, pinned_at=time.time())
     if cache.add(_key(pin_key), pin, settings.SD_PIN_TTL):
-        _remember_local(_key(pin_key))
+        _remember_local(_key(pin_key), pin)
         return PinDecision(node=node, pin=pin, reused=False), previous
-    winner = lookup(pin_key)
+    winner = lookup(pin_key, fresh=True)  # another process won: use its pin
     if winner.state is PinState.LIVE and winner.node is not None and winner.pin is not None:
         return PinDecision(node=winner.node, pin=winner.pin, reused=True), previous
     cache.set(_key(pin_key), pin, settings.SD_PIN_TTL)
-    _remember_local(_key(pin_key))
+    _remember_local(_key(pin_key), pin)
     return PinDecision(node=node, pin=pin, reused=False), previous
 
 
@@ -168,7 +201,7 @@ def refresh(pin_key: str) -> None:
 
 def mark(pin_key: str, *, generating: bool | None = None, lost: bool | None = None) -> None:
     """Record that a generation started or ended on the pin (or that its node failed under it)."""
-    pin = current_pin(pin_key)
+    pin = current_pin(pin_key, fresh=True)
     if pin is None:
         return
     changed = replace(
@@ -177,12 +210,19 @@ def mark(pin_key: str, *, generating: bool | None = None, lost: bool | None = No
         lost=pin.lost if lost is None else lost,
     )
     cache.set(_key(pin_key), changed, settings.SD_PIN_TTL)
-    _remember_local(_key(pin_key))
+    _remember_local(_key(pin_key), changed)
+
+
+def restore(pin_key: str, pin: Pin) -> None:
+    """Put back a pin that a refused choice replaced."""
+    cache.set(_key(pin_key), pin, settings.SD_PIN_TTL)
+    _remember_local(_key(pin_key), pin)
 
 
 def unpin(pin_key: str) -> None:
     key = _key(pin_key)
     cache.delete(key)
+    _memorize(key, None)
     with _local_pins_lock:
         _local_pins.pop(key, None)
 

@@ -254,10 +254,12 @@ def _options(call: ProxyCall) -> ProxyResult:
         return relay(response, node)
 
     new_pin = False
+    before: pinning.PinLookup | None = None
 
     def choose(excluded: frozenset[str]) -> NodeState | None:
-        nonlocal new_pin
-        decision, _ = pinning.start_cycle(key, model=model, exclude=excluded)
+        nonlocal new_pin, before
+        decision, previous = pinning.start_cycle(key, model=model, exclude=excluded)
+        before = before or previous
         new_pin = decision is not None and not decision.reused
         return decision.node if decision else None
 
@@ -265,7 +267,11 @@ def _options(call: ProxyCall) -> ProxyResult:
     if response.status == 200:
         routing.remember_user_model(key, model)
     elif new_pin:
-        pinning.unpin(key)  # a refused choice starts no cycle
+        # A refused choice starts no cycle: the caller keeps the pin they had (their job may be running there).
+        if before is not None and before.state is PinState.LIVE and before.pin is not None:
+            pinning.restore(key, before.pin)
+        else:
+            pinning.unpin(key)
     return relay(response, node)
 
 

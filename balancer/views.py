@@ -135,7 +135,7 @@ def status(request: HttpRequest) -> JsonResponse:
     health.ensure_health_checker()
     nodes = routing.known_nodes(fresh=True)
     caller = _caller_or_none(request)
-    pin = pinning.current_pin(caller.pin_key) if caller else None
+    pin = pinning.current_pin(caller.pin_key, fresh=True) if caller else None
     return JsonResponse({
         "nodes": [_node_document(node) for node in nodes],
         "up": sum(node.healthy for node in nodes),

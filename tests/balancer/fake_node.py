@@ -36,6 +36,7 @@ class FakeNodeState:
         self.models = models
         self.loaded_models: list[str] = []
         self.delay = delay
+        self.generation_error: int = 0  # answer generations with this status (a node's own error) when set
         self.requests: deque[dict[str, Any]] = deque(maxlen=500)
         self.log_requests = True
 
@@ -48,6 +49,7 @@ class FakeNodeState:
         }  # fmt: skip
 
 
+REASONS = {200: "OK", 404: "Not Found", 422: "Unprocessable Entity", 503: "Service Unavailable"}
 IDLE_PROGRESS = json.dumps({
     "progress": 0.0, "eta_relative": 0.0,
     "state": {"skipped": False, "interrupted": False, "stopping_generation": False, "job": "", "job_count": 0,
@@ -94,6 +96,9 @@ class FakeNode:
         return 404, b'{"detail": "Not Found"}'
 
     async def _generate(self, headers: dict[str, str], body: bytes) -> tuple[int, bytes]:
+        if self.state.generation_error:
+            error = {"error": "DeviceOutOfMemoryError", "detail": "the GPU ran out of memory", "body": "", "errors": ""}
+            return self.state.generation_error, json.dumps(error).encode()
         payload = json.loads(body or b"{}")
         delay = float(payload.get("fake_delay", self.state.delay))
         if delay:
@@ -133,7 +138,7 @@ class FakeNode:
                 length = int(headers.get("content-length") or 0)
                 body = await reader.readexactly(length) if length else b""
                 status, content = await self.answer(method, target, headers, body)
-                reason = {200: "OK", 404: "Not Found", 422: "Unprocessable Entity"}.get(status, "Status")
+                reason = REASONS.get(status, "Status")
                 writer.write(
                     f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
                     f"Content-Length: {len(content)}\r\nX-Fake-Node: {self.state.node_id}\r\n\r\n".encode()

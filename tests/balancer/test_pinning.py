@@ -1,14 +1,25 @@
 """Pinning with real nodes (tiny models) behind a real balancer: a whole cycle on one node, on SQLite/LocMem and on
-PostgreSQL/Redis; model affinity; the least-loaded choice; draining."""
+PostgreSQL/Redis; model affinity; the least-loaded choice; draining. Then the pin rules in the process: restarted
+nodes, reuse, and two processes pinning one user at once."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from typing import Any
+from unittest.mock import patch
 
+import pytest
 import requests
+from django.core.cache import cache
+from django.test import override_settings
 
+from balancer import health, pinning, registry, routing
+from balancer.health import NodeHealth, NodeStatus
+from balancer.models import Node
+from balancer.pinning import Pin, PinState
 from tests.balancer.conftest import (
     NODE_SECRET,
     as_user,
@@ -128,3 +139,60 @@ def test_it_gives_a_draining_node_no_new_pins_but_lets_pinned_users_finish(
     finally:
         drain(balancer_server.url, draining.url, draining=False)
     assert node_entry(balancer_server.url, draining.url)["draining"] is False
+
+
+# ------------------------------------------------------------------------------------------------ in the process
+
+
+@pytest.fixture
+def pinned_nodes() -> Iterator[list[str]]:
+    """Two nodes known to routing through records written straight into the cache (no processes)."""
+    urls = ["http://gpu-1.test:7860", "http://gpu-2.test:7860"]
+    cache.clear()
+    with override_settings(SD_NODES=urls, SD_ROLE="balancer"):
+        registry.refresh()
+        for url in urls:
+            health.write_health(NodeHealth(url=url, node_id=url[7:12], boot_id="boot-1", status=NodeStatus.READY,
+                                           healthy=True))  # fmt: skip
+        yield urls
+    cache.clear()
+
+
+@pytest.mark.django_db
+def test_it_drops_the_pins_of_a_node_that_restarted(pinned_nodes: list[str]) -> None:
+    decision, _ = pinning.start_cycle("user:alice", model=None)
+    assert decision is not None and not decision.reused
+    pinning.mark("user:alice", generating=True)
+    record = health.read_health([decision.node.url])[decision.node.url]
+    health.write_health(replace(record, boot_id="boot-2"))
+    found = pinning.lookup("user:alice")
+    assert found.state is PinState.LOST, "its job died with the old boot"
+    assert pinning.lookup("user:alice").state is PinState.NONE
+    assert pinning.current_pin("user:alice", fresh=True) is None
+
+
+@pytest.mark.django_db
+def test_it_reuses_a_live_pin_and_keeps_a_pinned_user_on_a_draining_node(pinned_nodes: list[str]) -> None:
+    first, _ = pinning.start_cycle("user:bob", model=None)
+    assert first is not None
+    Node.objects.get(url=first.node.url).drain()
+    again, _ = pinning.start_cycle("user:bob", model=None)
+    assert again is not None and again.reused and again.node.url == first.node.url
+    newcomer, _ = pinning.start_cycle("user:carol", model=None)
+    assert newcomer is not None and newcomer.node.url != first.node.url
+
+
+@pytest.mark.django_db
+def test_it_uses_the_pin_another_process_wrote_first(pinned_nodes: list[str]) -> None:
+    other = Pin(node_url=pinned_nodes[1], node_id="gpu-2", boot_id="boot-1", pinned_at=0.0)
+    key = registry.cluster_key(f"pin:{hashlib.sha256(b'user:dave').hexdigest()}")
+    with patch.object(routing, "choose_node", return_value=routing.node_state(pinned_nodes[0], fresh=True)):
+        cache_add = cache.add
+
+        def add_after_the_other_process(name: str, value: object, timeout: float) -> bool:
+            cache.set(key, other, timeout)  # the other process pinned dave a moment earlier
+            return bool(cache_add(name, value, timeout))
+
+        with patch.object(cache, "add", side_effect=add_after_the_other_process):
+            decision, _ = pinning.start_cycle("user:dave", model=None)
+    assert decision is not None and decision.node.url == pinned_nodes[1] and decision.reused

@@ -210,3 +210,20 @@ def test_it_publishes_node_and_proxy_metrics(balancer: ServerProcess) -> None:
         assert "sd_balancer_nodes_up 2.0" in text
         assert 'sd_balancer_proxied_requests_total{kind="progress",status="200"}' in text
         assert "sd_balancer_proxy_seconds_bucket" in text
+
+
+def test_it_passes_node_errors_through_without_counting_them_against_the_node(
+    balancer: ServerProcess, fakes: list[FakeNodeProcess]
+) -> None:
+    judy = unique_user("judy")
+    node_id = call(balancer, "POST", "/sdapi/v1/txt2img", judy, json={"prompt": "x"}).headers["X-SD-Node"]
+    by_id(fakes, node_id).set_state(generation_error=503)
+    for _ in range(5):
+        response = call(balancer, "POST", "/sdapi/v1/txt2img", judy, json={"prompt": "x"})
+        assert response.status_code == 503 and response.json()["error"] == "DeviceOutOfMemoryError"
+        assert response.headers["X-SD-Node"] == node_id, "the same node: an answer is no failure"
+        assert (
+            call(balancer, "POST", "/sdapi/v1/options", judy, json={"sd_model_checkpoint": "nope"}).status_code == 422
+        )
+    assert all(node["healthy"] for node in status(balancer.url)["nodes"])
+    assert status(balancer.url, judy)["pin"]["node_id"] == node_id

@@ -7,6 +7,7 @@ import signal
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 import requests
@@ -14,6 +15,7 @@ from django.contrib.auth.models import User
 from django.core.cache import cache
 from django.test import Client, override_settings
 from django.utils import timezone
+from rest_framework.authtoken.models import Token
 
 from balancer import health, registry
 from balancer.health import NodeHealth, NodeStatus
@@ -135,3 +137,26 @@ def test_it_takes_a_real_node_started_with_sd_balancer_url(
         assert response.status_code == 200 and response.json()["images"]
     finally:
         node.kill(signal.SIGKILL)
+
+
+@pytest.mark.django_db
+def test_it_lets_only_staff_drain_a_node_in_token_mode(clean_cache: None) -> None:
+    with override_settings(SD_NODES=["http://gpu-1.test:7860"], SD_ROLE="balancer", SD_AUTH="token"):
+        node = Node.objects.get(url=registry.refresh()[0].url)
+        staff = Token.objects.create(user=User.objects.create_user("staff", is_staff=True)).key
+        alice = Token.objects.create(user=User.objects.create_user("alice")).key
+        endpoint = f"/balancer/nodes/{node.pk}/drain"
+        client = Client()
+        assert client.post(endpoint).status_code == 401
+        refused = client.post(endpoint, HTTP_AUTHORIZATION=f"Bearer {alice}")
+        assert refused.status_code == 403 and refused.json()["error"] == "HTTPException"
+        drained = client.post(endpoint, HTTP_AUTHORIZATION=f"Bearer {staff}")
+        assert drained.status_code == 200 and drained.json()["draining"] is True
+        assert registry.nodes()[0].draining
+        assert (
+            client.post(f"/balancer/nodes/{node.pk}/undrain", HTTP_AUTHORIZATION=f"Bearer {staff}").json()["draining"]
+            is False
+        )
+        with patch.object(health, "ensure_health_checker"):  # no checker thread in the test process
+            unauthenticated = client.get("/sdapi/v1/progress")
+        assert unauthenticated.status_code == 401 and unauthenticated.json()["detail"] == "Not authenticated"
