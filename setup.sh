@@ -385,11 +385,15 @@ write_env_file() {
         echo "SD_BEHIND_PROXY=1"
         echo "SD_SERVE_STATIC=0"
         if [ "$role" = node ]; then
+            echo "# To register with a balancer: its URL, and the URL it reaches this node at (http://10.0.0.11)."
             echo "SD_BALANCER_URL=${SD_BALANCER_URL:-}"
+            echo "SD_NODE_URL=${SD_NODE_URL:-}"
         else
             echo "DATABASE_URL=postgres://sd_multi:$(random_secret)@127.0.0.1:5432/sd_multi"
             echo "REDIS_URL=redis://127.0.0.1:6379/0"
             echo "SD_WEBHOOK_SECRET=$(random_secret)"
+            echo "# sd-multi-dispatcher.service dispatches the async tasks, not the web workers."
+            echo "SD_TASK_DISPATCHER=command"
             echo "# Comma-separated node URLs, e.g. http://10.0.0.11,http://10.0.0.12"
             echo "SD_NODES=${SD_NODES:-}"
         fi
@@ -454,11 +458,7 @@ cmd_provision() {
     for unit in "${units[@]}"; do install_unit "$unit"; done
     if [ "$role" = balancer ]; then
         install_unit sd-multi-dispatcher.service
-        if manage_as_service "$role" help run_dispatcher >/dev/null 2>&1; then
-            units+=(sd-multi-dispatcher.service)
-        else
-            log "this version has no run_dispatcher command yet: sd-multi-dispatcher.service stays disabled"
-        fi
+        units+=(sd-multi-dispatcher.service)
     fi
     start_units "${units[@]}"
     cmd_apache "$role"

@@ -12,6 +12,7 @@ class BalancerConfig(AppConfig):
 
     def ready(self) -> None:
         # The registry's signal receivers keep the cached node snapshot in step with admin edits. The health
-        # checker is not started here (management commands and tests would start one): the first balancer
-        # request starts it (balancer.health.ensure_health_checker), or `manage.py run_health_checker` runs it.
+        # checker and the task dispatcher are not started here (management commands and tests would start them):
+        # the WSGI entry point and every balancer request start them (balancer.dispatcher.ensure_balancer_threads),
+        # or `manage.py run_health_checker` and `manage.py run_dispatcher` run them.
         from balancer import registry  # noqa: F401

@@ -26,7 +26,7 @@ from django.utils import timezone
 from balancer import routing, webhooks
 from balancer.models import DispatcherLease, Task, TaskStatus
 from balancer.node_client import NodeClient, NodeUnreachable, get_node_client
-from balancer.tasks import ResultError, store_result, task_document
+from balancer.tasks import ResultError, remove_expired_tasks, store_result, task_document
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ IN_FLIGHT_PER_CAPACITY = 2  # tasks a node holds at once per unit of capacity: e
 NODE_FULL_STATUSES = (429, 503)  # the node's queue is full: try again later, the attempt does not count
 NODE_REFUSED_STATUSES = (400, 422)  # the node refuses the payload: the task fails, never retried
 ERROR_LIMIT = 2000  # characters of a node's error kept on the task
+CLEANUP_INTERVAL = timedelta(minutes=1)  # how often old finished tasks are looked for (SD_TASK_RETENTION)
 
 
 class Dispatcher:
@@ -75,6 +76,7 @@ class Dispatcher:
         self._wake = threading.Event()
         self.holds_lease = False
         self.thread: threading.Thread | None = None
+        self._next_cleanup: datetime | None = None
 
     @property
     def client(self) -> NodeClient:
@@ -134,17 +136,26 @@ class Dispatcher:
         3. Put back in the queue the running tasks whose lease expired (no news from their node for TASK_LEASE).
         4. Dispatch queued tasks, users in turn, to nodes chosen by the routing rules.
         5. Deliver the webhooks that are due.
+        6. Once a minute, remove the tasks (and images) that finished more than SD_TASK_RETENTION seconds ago.
         """
         close_old_connections()
         moved = 0
         try:
-            for step in (self.follow_running, self.requeue_expired, self.dispatch, self.deliver_webhooks):
+            for step in (self.follow_running, self.requeue_expired, self.dispatch, self.deliver_webhooks, self.cleanup):
                 if not self.hold_lease():
                     break
                 moved += step(now=self.clock())
             return moved > 0
         finally:
             close_old_connections()
+
+    def cleanup(self, *, now: datetime) -> int:
+        """Old finished tasks go (not counted as movement: it never makes the next pass come sooner)."""
+        if self._next_cleanup is not None and now < self._next_cleanup:
+            return 0
+        self._next_cleanup = now + CLEANUP_INTERVAL
+        remove_expired_tasks(now=now)
+        return 0
 
     def hold_lease(self) -> bool:
         self.holds_lease = DispatcherLease.acquire(
@@ -377,6 +388,15 @@ def ensure_dispatcher() -> Dispatcher | None:
             atexit.register(dispatcher.shutdown)
             _dispatcher, _dispatcher_pid = dispatcher, os.getpid()
     return _dispatcher
+
+
+def ensure_balancer_threads() -> None:
+    """The background work of a balancer process: the health checker and (SD_TASK_DISPATCHER=thread) the task
+    dispatcher. Started by the WSGI entry point and, idempotently, by every balancer request."""
+    from balancer.health import ensure_health_checker
+
+    ensure_health_checker()
+    ensure_dispatcher()
 
 
 def wake_dispatcher() -> None:

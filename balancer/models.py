@@ -90,6 +90,15 @@ class TaskQuerySet(models.QuerySet["Task"]):
     def on_node(self, node_url: str) -> TaskQuerySet:
         return self.filter(node_url=node_url)
 
+    def unfinished(self) -> TaskQuerySet:
+        return self.filter(status__in=(TaskStatus.QUEUED, TaskStatus.RUNNING))
+
+    def expired(self, cutoff: datetime) -> TaskQuerySet:
+        """Finished before `cutoff`, with no webhook delivery still owed."""
+        return self.filter(status__in=TaskStatus.terminal(), finished_at__lt=cutoff).exclude(
+            webhook_status=WebhookStatus.PENDING
+        )
+
 
 class Task(models.Model):
     """An async generation task (`POST /task`). Dispatched to a node as a node job with the same id (so a second

@@ -18,6 +18,7 @@ from balancer.node_client import get_node_client
 from balancer.tasks import (
     TaskInputError,
     TaskNotFound,
+    TooManyTasks,
     cancel_task,
     live_task_document,
     open_image,
@@ -25,8 +26,10 @@ from balancer.tasks import (
     task_document,
     task_for,
 )
-from gpu_node.errors import RequestValidationError
+from gpu_node.errors import RequestValidationError, UserQueueFullError
 from gpu_node.identity import NodeAPIView, current_user
+
+TOO_MANY_TASKS_RETRY_AFTER = 10  # seconds: about one task's run on a GPU
 
 
 class TaskAPIView(NodeAPIView):
@@ -42,6 +45,8 @@ class TaskAPIView(NodeAPIView):
             exc = RequestValidationError.at(location, exc.message)
         elif isinstance(exc, TaskNotFound):
             exc = NotFound("Task not found")
+        elif isinstance(exc, TooManyTasks):
+            exc = UserQueueFullError(retry_after=TOO_MANY_TASKS_RETRY_AFTER, detail=str(exc))
         return super().handle_exception(exc)
 
 

@@ -10,7 +10,7 @@ import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import requests
@@ -44,6 +44,10 @@ class TaskNotFound(LookupError):
     """No such task for this user: another user's task is not found either."""
 
 
+class TooManyTasks(RuntimeError):
+    """The user already has SD_MAX_TASKS_PER_USER tasks queued or running (a 429 with Retry-After)."""
+
+
 class ResultError(ValueError):
     """A node job's result that cannot be stored (its images do not decode)."""
 
@@ -65,6 +69,8 @@ def submit_task(*, user: str, body: Any) -> Task:
     1. The body is a JSON object; `api` is one of TaskApi (an allow-list, never a path we forward).
     2. `payload` is a JSON object of at most MAX_PAYLOAD_BYTES; its override_settings, when given, an object.
     3. `callback_url`, when given, is an http(s) URL to a public address (webhooks.check_callback_url).
+    4. The user has fewer than SD_MAX_TASKS_PER_USER tasks queued or running (TooManyTasks: one user cannot fill
+       the queue for everyone; the dispatcher serves users in turn anyway).
     """
     if not isinstance(body, Mapping):
         raise TaskInputError("body", "must be a JSON object with api, payload and optionally callback_url")
@@ -84,6 +90,8 @@ def submit_task(*, user: str, body: Any) -> Task:
             webhooks.check_callback_url(callback_url, allow_private=settings.SD_WEBHOOK_ALLOW_PRIVATE)
         except webhooks.CallbackURLError as error:
             raise TaskInputError("callback_url", str(error)) from None
+    if Task.objects.for_user(user).unfinished().count() >= settings.SD_MAX_TASKS_PER_USER:
+        raise TooManyTasks(f"you have {settings.SD_MAX_TASKS_PER_USER} unfinished tasks; wait for one to finish")
     task = Task.objects.create(
         user=user, api=api, payload=dict(payload), callback_url=callback_url, model_title=requested_model(payload)
     )
@@ -247,6 +255,27 @@ def store_result(task: Task, job: Mapping[str, Any], *, status: TaskStatus, now:
     for name in names:
         default_storage.delete(name)
     return False
+
+
+# --------------------------------------------------------------------------------------------------- retention
+
+RETENTION_BATCH = 500  # tasks removed per call: a long backlog is cleared over several passes, never in one lock
+
+
+def remove_expired_tasks(*, now: datetime) -> int:
+    """Delete the tasks that finished more than SD_TASK_RETENTION seconds ago (0: keep them forever), with their
+    stored images; a task whose webhook is still being delivered stays until the delivery ends."""
+    if not settings.SD_TASK_RETENTION:
+        return 0
+    cutoff = now - timedelta(seconds=settings.SD_TASK_RETENTION)
+    expired = list(Task.objects.expired(cutoff).values_list("id", "image_names")[:RETENTION_BATCH])
+    for _task_id, image_names in expired:
+        for name in image_names or ():
+            default_storage.delete(name)
+    removed, _ = Task.objects.filter(id__in=[task_id for task_id, _ in expired]).delete()
+    if removed:
+        log.info("removed %d finished task(s) older than %ds and their images", removed, settings.SD_TASK_RETENTION)
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------- metrics

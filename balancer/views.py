@@ -15,7 +15,7 @@ from rest_framework.exceptions import APIException, NotAuthenticated, ParseError
 from rest_framework.parsers import JSONParser
 from rest_framework.request import Request
 
-from balancer import health, metrics, pinning, proxy, registry, routing
+from balancer import dispatcher, metrics, pinning, proxy, registry, routing
 from balancer.models import Node
 from balancer.pinning import Caller
 from balancer.proxy import ProxyCall, ProxyResult
@@ -101,7 +101,7 @@ def api_proxy(request: HttpRequest) -> HttpResponse:
     """Every /sdapi/v1/* endpoint and the /txt2img_v2/, /img2img_v2/ aliases, through the nodes."""
     if request.headers.get(VIA_HEADER):
         return JsonResponse({"detail": "Not Found"}, status=404)
-    health.ensure_health_checker()
+    dispatcher.ensure_balancer_threads()
     try:
         caller = identify(request)
     except APIException as error:
@@ -132,7 +132,7 @@ def _response(result: ProxyResult) -> HttpResponse:
 
 def status(request: HttpRequest) -> JsonResponse:
     """GET /balancer/status: the nodes with their health, how many are up, the caller's pin, total queue depth."""
-    health.ensure_health_checker()
+    dispatcher.ensure_balancer_threads()
     nodes = routing.known_nodes(fresh=True)
     caller = _caller_or_none(request)
     pin = pinning.current_pin(caller.pin_key, fresh=True) if caller else None

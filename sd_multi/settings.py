@@ -134,6 +134,8 @@ SD_BALANCER_URL = _checked_url("SD_BALANCER_URL", _balancer_url) if _balancer_ur
 SD_HEALTH_INTERVAL = env_float("SD_HEALTH_INTERVAL", 2.0, minimum=0.1)
 SD_PIN_TTL = env_int("SD_PIN_TTL", 300, minimum=1)
 SD_TASK_MAX_ATTEMPTS = env_int("SD_TASK_MAX_ATTEMPTS", 3, minimum=1)
+SD_MAX_TASKS_PER_USER = env_int("SD_MAX_TASKS_PER_USER", 50, minimum=1)
+SD_TASK_RETENTION = env_int("SD_TASK_RETENTION", 7 * 24 * 3600, minimum=0)
 SD_TASK_DISPATCHER = env_choice("SD_TASK_DISPATCHER", ("thread", "command"), "thread")
 _local_node_url = env_str("SD_LOCAL_NODE_URL", "http://127.0.0.1:7860")
 SD_LOCAL_NODE_URL = _checked_url("SD_LOCAL_NODE_URL", _local_node_url)

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import requests
@@ -451,3 +452,31 @@ def test_the_run_dispatcher_command_runs_a_pass(tmp_path: Path):
                           timeout=120)  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert "nothing to do" in done.stdout
+
+
+def test_it_removes_finished_tasks_and_their_images_after_the_retention(
+    dispatcher: Dispatcher, fake: FakeNodeClientForDispatcherTests, clock: ManualClock
+):
+    with override_settings(SD_TASK_RETENTION=3600):
+        old, webhooked = new_task(), new_task(user="bob")
+        Task.objects.filter(id=webhooked.id).update(callback_url="https://hooks.example/x")
+        dispatcher.process_one()
+        for task in (old, webhooked):
+            task.refresh_from_db()
+            fake.succeed(task.node_url, task.node_job_id)
+        with patch.object(Dispatcher, "deliver_webhooks", return_value=0):  # bob's delivery stays owed
+            dispatcher.process_one()
+            old.refresh_from_db()
+            assert old.status == TaskStatus.SUCCEEDED and stored_files(old) == ["0.png"]
+            clock.advance(1800)
+            recent = new_task(user="carol")
+            Task.objects.filter(id=recent.id).update(status=TaskStatus.FAILED, finished_at=clock())
+            dispatcher.process_one()
+            assert Task.objects.filter(id=old.id).exists(), "within the retention"
+
+            clock.advance(1900)
+            dispatcher.process_one()
+        assert not Task.objects.filter(id=old.id).exists() and stored_files(old) == []
+        webhooked.refresh_from_db()
+        assert webhooked.webhook_status == "pending", "kept until its webhook is delivered"
+        assert Task.objects.filter(id=recent.id).exists(), "finished 1,900 s ago: kept"

@@ -17,7 +17,7 @@ from django.test import Client, override_settings
 from django.utils import timezone
 from rest_framework.authtoken.models import Token
 
-from balancer import health, registry
+from balancer import dispatcher, health, registry
 from balancer.health import NodeHealth, NodeStatus
 from balancer.models import Node, NodeSource
 from gpu_node.registration import Registrar
@@ -157,6 +157,6 @@ def test_it_lets_only_staff_drain_a_node_in_token_mode(clean_cache: None) -> Non
             client.post(f"/balancer/nodes/{node.pk}/undrain", HTTP_AUTHORIZATION=f"Bearer {staff}").json()["draining"]
             is False
         )
-        with patch.object(health, "ensure_health_checker"):  # no checker thread in the test process
+        with patch.object(dispatcher, "ensure_balancer_threads"):  # no background threads in the test process
             unauthenticated = client.get("/sdapi/v1/progress")
         assert unauthenticated.status_code == 401 and unauthenticated.json()["detail"] == "Not authenticated"

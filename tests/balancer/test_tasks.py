@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 import requests
+from django.test import override_settings
 from PIL import Image
 
+from balancer.models import Task, TaskStatus
 from balancer.tasks import TaskInputError, submit_task, task_counts
 from tests.balancer import test_tasks_support as support
 from tests.balancer.test_tasks_support import (
@@ -245,3 +247,19 @@ def test_a_running_task_shows_its_live_step_preview_and_eta(
     assert Image.open(io.BytesIO(base64.b64decode(seen["preview"]))).size[0] > 0
     requests.post(f"{balancer.url}/task/{task_id}/cancel", headers=as_user("live-alice"), timeout=10)
     assert get_task(balancer.url, "live-alice", task_id).json()["preview"] is None, "no live fields once finished"
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_user_with_too_many_unfinished_tasks_gets_429_while_others_are_served(live_server: Any):
+    body: dict[str, Any] = {"api": "/sdapi/v1/txt2img", "payload": {"prompt": "x"}}
+    endpoint = f"{live_server.url}/task"
+    with override_settings(SD_MAX_TASKS_PER_USER=2, SD_TASK_DISPATCHER="command"):  # nothing dispatches here
+        accepted = [requests.post(endpoint, json=body, headers=as_user("greedy"), timeout=10) for _ in range(2)]
+        assert [response.status_code for response in accepted] == [202, 202]
+        refused = requests.post(endpoint, json=body, headers=as_user("greedy"), timeout=10)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "10"
+        assert refused.json()["error"] == "UserQueueFullError" and "2 unfinished tasks" in refused.json()["detail"]
+        assert requests.post(endpoint, json=body, headers=as_user("modest"), timeout=10).status_code == 202
+
+        Task.objects.filter(id=accepted[0].json()["taskId"]).update(status=TaskStatus.SUCCEEDED)
+        assert requests.post(endpoint, json=body, headers=as_user("greedy"), timeout=10).status_code == 202
