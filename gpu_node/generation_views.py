@@ -64,10 +64,11 @@ def wait_until_finished(job: Job, request: Request) -> Job:
     worker = get_worker()
     interrupted = False
     while True:
-        worker.wait_finished(str(job.id), timeout=0.5)
+        mark = worker.finished_count()
         job.refresh_from_db()
         if job.is_finished:
             return job
+        worker.wait_finished(mark, timeout=0.5)
         if not interrupted and not job.detached and _client_gone(request):
             log.info("job %s: the client of user %s disconnected; interrupting", job.id, job.user)
             worker.interrupt_job(str(job.id))

@@ -111,7 +111,8 @@ def fair_order(queued: Sequence[Job], last_served: Mapping[str, datetime]) -> li
 def next_batch(last_served: Mapping[str, datetime], *, max_images: int) -> list[Job]:
     """The jobs to run next: the first job in fair order, plus queued jobs (of any user, in fair order) that share
     its batch signature, as long as the images fit in `max_images`."""
-    ordered = fair_order(list(Job.objects.queued()), last_served)
+    # The payloads and options of the jobs that run are read when they are claimed, not those of the whole queue.
+    ordered = fair_order(list(Job.objects.queued().defer("payload", "options")), last_served)
     if not ordered:
         return []
     lead = ordered[0]
@@ -129,7 +130,8 @@ def next_batch(last_served: Mapping[str, datetime], *, max_images: int) -> list[
 def queue_position(job: Job, last_served: Mapping[str, datetime]) -> QueuePosition | None:
     if job.status != JobStatus.QUEUED:
         return None
-    ordered = fair_order(list(Job.objects.queued()), last_served)
+    # Only what the order needs: a status poll must not decode every queued job's payload.
+    ordered = fair_order(list(Job.objects.queued().only("id", "user", "created_at")), last_served)
     for index, queued in enumerate(ordered, start=1):
         if queued.id == job.id:
             return QueuePosition(position=index, total=len(ordered))

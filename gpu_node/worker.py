@@ -80,6 +80,7 @@ class Worker:
         self._lock = threading.Lock()
         self._live: dict[str, LiveJob] = {}
         self._finished = threading.Condition(self._lock)
+        self._finished_count = 0  # jobs that left the live set so far: waiters compare it, so no wake-up is missed
         self.last_served: dict[str, datetime] = {}
         self.thread: threading.Thread | None = None
         self.started = False
@@ -249,6 +250,7 @@ class Worker:
     def _forget(self, job_id: str) -> None:
         with self._finished:
             self._live.pop(job_id, None)
+            self._finished_count += 1
             self._finished.notify_all()
 
     # ------------------------------------------------------------------------------------------ live state API
@@ -280,10 +282,16 @@ class Worker:
             return True
         return Job(id=job_id).cancel_if_queued()
 
-    def wait_finished(self, job_id: str, timeout: float) -> None:
-        """Block until the job leaves the live set or `timeout` passes (callers re-check the database)."""
+    def finished_count(self) -> int:
+        """A mark for `wait_finished`: read it before checking a job's status in the database."""
         with self._finished:
-            self._finished.wait(timeout=timeout)
+            return self._finished_count
+
+    def wait_finished(self, since: int, timeout: float) -> None:
+        """Block until a job finished after the `since` mark (or `timeout` passes); callers then re-check the
+        database. A job that finished between the mark and this call returns at once instead of being missed."""
+        with self._finished:
+            self._finished.wait_for(lambda: self._finished_count != since, timeout=timeout)
 
     # ------------------------------------------------------------------------------------------------- upkeep
     def _update_gauges(self) -> None:

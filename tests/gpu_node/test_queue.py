@@ -4,6 +4,7 @@ real engine and real images), failures, and recovery of a killed node process.""
 from __future__ import annotations
 
 import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,6 +167,30 @@ def test_a_failed_batch_reruns_its_jobs_one_by_one(node_settings: None):
     worker.process_one()
     assert [len(call) for call in fake.calls] == [3, 1, 1, 1]
     assert all(Job.objects.get(id=job.id).status == JobStatus.SUCCEEDED for job in jobs)
+
+
+def test_a_waiter_does_not_miss_a_job_that_finished_before_it_started_waiting(node_settings: None):
+    """The blocking views read a mark, check the database, then wait: a job finishing in between wakes them at
+    once (before, the wait slept its whole timeout, 0.5 s added to such a request)."""
+    fake = FakeGeneratorForQueueTests()
+    worker = Worker(fake, max_batch=1)
+    job = submit("quick", JobKind.TXT2IMG, job_payload("x"), detached=False)
+    mark = worker.finished_count()
+    worker.process_one()  # the job finishes after the mark, before the wait
+    finished = threading.Event()
+
+    def wait() -> None:
+        worker.wait_finished(mark, timeout=120)
+        finished.set()
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    assert finished.wait(60), "the waiter was woken by the finish it had not seen yet"
+    waiter.join()
+    assert Job.objects.get(id=job.id).status == JobStatus.SUCCEEDED
+    unchanged = worker.finished_count()
+    worker.wait_finished(unchanged, timeout=0.05)  # nothing finished since: it waits the timeout out
+    assert worker.finished_count() == unchanged
 
 
 def test_a_running_job_left_by_a_dead_process_is_failed_on_recovery(node_settings: None):
