@@ -296,7 +296,10 @@ class Dispatcher:
         except (requests.RequestException, ValueError) as error:
             task.requeue(f"node {node_url} answered badly: {error}", max_attempts=self.max_attempts, now=now)
             return False
-        log.info("task %s dispatched to %s (attempt %d)", task.id, node_url, task.attempts)
+        log.info(
+            "task %s dispatched user=%s node=%s model=%s attempt=%d",
+            task.id, task.user, node_url, task.model_title or "(user's)", task.attempts,
+        )  # fmt: skip
         if not Task.objects.running().filter(id=task.id, attempts=task.attempts).exists():
             self._cancel_quietly(task, node_url)  # cancelled while we were submitting
         return True

@@ -250,7 +250,11 @@ def store_result(task: Task, job: Mapping[str, Any], *, status: TaskStatus, now:
     ]
     stored = {"parameters": result.get("parameters", {}), "info": result.get("info", "{}"), "node": job.get("node")}
     if task.finish(status, now=now, result=stored, image_names=names):
-        log.info("task %s %s user=%s node=%s images=%d", task.id, status, task.user, task.node_url, len(names))
+        log.info(
+            "task %s %s user=%s node=%s model=%s images=%d attempts=%d duration=%.2fs",
+            task.id, status, task.user, task.node_url, task.model_title or "(user's)", len(names), task.attempts,
+            (now - task.created_at).total_seconds(),
+        )  # fmt: skip
         return True
     for name in names:
         default_storage.delete(name)

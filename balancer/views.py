@@ -52,10 +52,14 @@ def _a1111_error(status: int, error: str, detail: str) -> JsonResponse:
 
 
 def client_address(request: HttpRequest) -> str:
-    """The client's address: the first hop of X-Forwarded-For (set by Apache in front), else the peer."""
-    forwarded = request.headers.get("X-Forwarded-For", "")
-    first = forwarded.split(",", 1)[0].strip()
-    return first or str(request.META.get("REMOTE_ADDR", ""))
+    """The client's address (it tells apart callers naming no user). Behind Apache (SD_BEHIND_PROXY) the last hop
+    of X-Forwarded-For, which Apache appended: the hops before it are whatever the client sent. Without a proxy
+    the header is the client's own claim and only the peer address counts."""
+    if settings.SD_BEHIND_PROXY:
+        hops = [hop.strip() for hop in request.headers.get("X-Forwarded-For", "").split(",") if hop.strip()]
+        if hops:
+            return hops[-1]
+    return str(request.META.get("REMOTE_ADDR", ""))
 
 
 def identify(request: HttpRequest) -> Caller:

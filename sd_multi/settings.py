@@ -153,7 +153,8 @@ if not SECRET_KEY:
         raise ImproperlyConfigured("DJANGO_SECRET_KEY (or DJANGO_SECRET_KEY_FILE) must be set when SD_AUTH=token.")
     SECRET_KEY = INSECURE_DEV_SECRET_KEY
 ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "[::1]"])
-if env_bool("SD_BEHIND_PROXY", False):
+SD_BEHIND_PROXY = env_bool("SD_BEHIND_PROXY", False)
+if SD_BEHIND_PROXY:
     # Only behind Apache, which always overwrites the header; a direct client could otherwise claim https.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SD_SERVE_STATIC = env_bool("SD_SERVE_STATIC", True)

@@ -118,13 +118,14 @@ def fake_nodes() -> Iterator[Callable[..., FakeNodeProcess]]:
 def start_balancer(
     nodes: Iterable[HasUrl | str], *, env: Mapping[str, str] | None = None, data_dir: Path | None = None
 ) -> ServerProcess:
-    """A balancer process (gunicorn) in front of `nodes`, checking them every HEALTH_INTERVAL seconds."""
+    """A balancer process (gunicorn) in front of `nodes`, checking them every HEALTH_INTERVAL seconds. It runs as
+    behind Apache (SD_BEHIND_PROXY): tests play different client machines with X-Forwarded-For."""
     balancer = ServerProcess(
         role="balancer",
         data_dir=data_dir or Path(tempfile.mkdtemp(prefix="balancer-")),
         env={
             "SD_NODES": ",".join(_url(node) for node in nodes), "SD_NODE_SECRET": NODE_SECRET,
-            "SD_HEALTH_INTERVAL": HEALTH_INTERVAL, **(env or {}),
+            "SD_HEALTH_INTERVAL": HEALTH_INTERVAL, "SD_BEHIND_PROXY": "1", **(env or {}),
         },
     )  # fmt: skip
     return balancer.start(wait_for="/balancer/status")

@@ -10,7 +10,9 @@ from typing import Any
 
 import pytest
 import requests
+from django.test import RequestFactory, override_settings
 
+from balancer.views import client_address
 from tests.balancer.conftest import in_background, status, unique_user, wait_until
 from tests.balancer.fake_node import FakeNodeProcess
 from tests.processes import ServerProcess
@@ -227,3 +229,20 @@ def test_it_passes_node_errors_through_without_counting_them_against_the_node(
         )
     assert all(node["healthy"] for node in status(balancer.url)["nodes"])
     assert status(balancer.url, judy)["pin"]["node_id"] == node_id
+
+
+@pytest.mark.parametrize(
+    ("behind_proxy", "forwarded", "address"),
+    [
+        (False, "", "192.0.2.7"),
+        (False, "198.51.100.1", "192.0.2.7"),  # a direct client's claim is ignored
+        (True, "198.51.100.1", "198.51.100.1"),  # what Apache appended
+        (True, "203.0.113.66, 198.51.100.1", "198.51.100.1"),  # a forged first hop is not the client
+        (True, "", "192.0.2.7"),
+    ],
+)
+def test_it_knows_an_unnamed_caller_by_the_address_it_can_trust(behind_proxy: bool, forwarded: str, address: str):
+    headers = {"X-Forwarded-For": forwarded} if forwarded else {}
+    request = RequestFactory().get("/sdapi/v1/progress", REMOTE_ADDR="192.0.2.7", headers=headers)
+    with override_settings(SD_BEHIND_PROXY=behind_proxy):
+        assert client_address(request) == address
