@@ -259,6 +259,8 @@ prepare_server() {
     ensure_venv requirements-dev.txt
     export_offline
     export SD_ROLE=all
+    # The balancer half of the server reaches its node half at this server's own address.
+    export SD_LOCAL_NODE_URL="${SD_LOCAL_NODE_URL:-http://127.0.0.1:$PORT}"
     mkdir -p "$ROOT/var"
     "$PY" manage.py migrate --noinput
     if ! has_checkpoint; then
