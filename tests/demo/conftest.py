@@ -78,6 +78,26 @@ def token_server(tiny_models_dir: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
+def balancer_server(tiny_models_dir: Path) -> Iterator[ServerProcess]:
+    """The deployed shape: the page served by a balancer (SD_ROLE=balancer) in front of a separate node process."""
+    secret = {"SD_NODE_SECRET": "demo-cluster-secret", "SD_HEALTH_INTERVAL": "0.5"}
+    node = ServerProcess(
+        role="node",
+        data_dir=Path(tempfile.mkdtemp(prefix="multi-demo-node-")),
+        env={"SD_MODELS_DIR": str(tiny_models_dir), "SD_DEVICE": "cpu", **secret},
+    ).start()
+    balancer = ServerProcess(
+        role="balancer", data_dir=Path(tempfile.mkdtemp(prefix="multi-demo-balancer-")),
+        env={"SD_NODES": node.url, **secret},
+    )  # fmt: skip
+    try:
+        yield balancer.start(wait_for="/balancer/status")
+    finally:
+        balancer.stop()
+        node.stop()
+
+
+@pytest.fixture(scope="session")
 def staff_user(running_demo: RunningDemo) -> str:
     """The staff user's name, once it exists in the open-mode server's database."""
     assert running_demo.staff_creation.wait(timeout=120) == 0, "createsuperuser failed"

@@ -1,5 +1,6 @@
-"""/multi_demo/ in headless Chromium against a real server (`all`, tiny models): the form, live progress, results with
-their infotext, interrupt, readable errors, the gallery, and users kept apart. Each page fails its test on a console
+"""/multi_demo/ in headless Chromium against a real server (`all`, tiny models; once a balancer in front of a separate
+node): the form, live progress, results with their infotext, interrupt, readable errors, the gallery, and users kept
+apart. Each page fails its test on a console
 error or an uncaught exception (conftest.open_page)."""
 
 from __future__ import annotations
@@ -239,3 +240,18 @@ def test_it_fits_a_phone_screen(open_page: OpenPage) -> None:
     output = demo.page.locator(".output").bounding_box()
     assert form is not None and output is not None
     assert output["y"] >= form["y"] + form["height"], "the output goes below the form on a phone"
+
+
+def test_it_works_served_by_a_balancer_in_front_of_a_separate_node(
+    open_page: OpenPage, balancer_server: ServerProcess
+) -> None:
+    demo = open_page(server=balancer_server)
+    assert "tiny-sd1" in demo.page.locator("#model option").all_inner_texts(), "the node's models, through the proxy"
+    demo.page.wait_for_function("() => document.querySelector('#status-nodes').textContent === '1/1 up'")
+    prompt = unique_prompt("a lighthouse behind a balancer")
+    demo.fill(prompt=prompt, steps=QUICK_STEPS)
+    demo.generate()
+    card = demo.results().first
+    assert prompt in card.locator(".infotext").inner_text()
+    assert card.locator(".node").inner_text().startswith("Node node-"), "generated on the separate node"
+    demo.page.wait_for_selector(f"#gallery .gallery-card:has-text('{prompt}') img[src]")
