@@ -11,6 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.db.models import Count, Min
 from rest_framework.exceptions import ValidationError
 
 from gpu_node.errors import QueueFullError, UserQueueFullError
@@ -82,6 +83,15 @@ def enqueue(
         return Job.objects.get(id=key)
 
 
+Turn = tuple[bool, datetime, datetime]
+NEVER = datetime.min
+
+
+def turn(served: datetime | None, head: datetime) -> Turn:
+    """Sort key of a user's turn: never served first, then the least recently served, ties to the oldest head job."""
+    return (served is not None, served.replace(tzinfo=None) if served else NEVER, head.replace(tzinfo=None))
+
+
 def fair_order(queued: Sequence[Job], last_served: Mapping[str, datetime]) -> list[Job]:
     """The order in which queued jobs will run.
 
@@ -93,14 +103,7 @@ def fair_order(queued: Sequence[Job], last_served: Mapping[str, datetime]) -> li
     per_user: dict[str, list[Job]] = {}
     for job in sorted(queued, key=lambda j: (j.created_at, str(j.id))):
         per_user.setdefault(job.user, []).append(job)
-    never = datetime.min.replace(tzinfo=None)
-
-    def turn(user: str) -> tuple[bool, datetime, datetime]:
-        served = last_served.get(user)
-        head = per_user[user][0].created_at.replace(tzinfo=None)
-        return (served is not None, served.replace(tzinfo=None) if served else never, head)
-
-    users = sorted(per_user, key=turn)
+    users = sorted(per_user, key=lambda user: turn(last_served.get(user), per_user[user][0].created_at))
     ordered: list[Job] = []
     depth = max((len(jobs) for jobs in per_user.values()), default=0)
     for round_number in range(depth):
@@ -128,11 +131,31 @@ def next_batch(last_served: Mapping[str, datetime], *, max_images: int) -> list[
 
 
 def queue_position(job: Job, last_served: Mapping[str, datetime]) -> QueuePosition | None:
+    """The job's place in `fair_order`, from per-user counts rather than every queued row: users poll their place
+    several times a second while the worker runs, and a long queue must not make each poll read all of it.
+
+    A job that is its user's k-th queued job (from 0) runs after k rounds: in each, every user with a job left
+    that round (min(count, k) jobs per other user), then, in round k, the users whose turn comes first and who
+    still have a job then.
+    """
     if job.status != JobStatus.QUEUED:
         return None
-    # Only what the order needs: a status poll must not decode every queued job's payload.
-    ordered = fair_order(list(Job.objects.queued().only("id", "user", "created_at")), last_served)
-    for index, queued in enumerate(ordered, start=1):
-        if queued.id == job.id:
-            return QueuePosition(position=index, total=len(ordered))
-    return None
+    users = {
+        row["user"]: row
+        for row in Job.objects.queued().values("user").annotate(count=Count("id"), head=Min("created_at"))
+    }
+    own = users.get(job.user)
+    mine = list(Job.objects.queued().for_user(job.user).values_list("created_at", "id"))
+    mine.sort(key=lambda row: (row[0], str(row[1])))
+    rank = next((index for index, (_, job_id) in enumerate(mine) if job_id == job.id), None)
+    if own is None or rank is None:
+        return None  # claimed or cancelled meanwhile
+    my_turn = turn(last_served.get(job.user), own["head"])
+    ahead = rank
+    for user, row in users.items():
+        if user == job.user:
+            continue
+        ahead += min(row["count"], rank)
+        if row["count"] > rank and turn(last_served.get(user), row["head"]) < my_turn:
+            ahead += 1
+    return QueuePosition(position=ahead + 1, total=sum(row["count"] for row in users.values()))

@@ -20,6 +20,7 @@ from gpu_node import runtime
 from gpu_node.errors import QueueFullError, UserQueueFullError
 from gpu_node.generation_views import submit
 from gpu_node.models import Job, JobKind, JobStatus
+from gpu_node.queue import fair_order, queue_position
 from gpu_node.worker import RESTART_ERROR, Worker, a1111_response
 from sd_core.engine import Engine
 from sd_core.errors import DeviceOutOfMemoryError
@@ -88,6 +89,26 @@ def test_it_serves_users_round_robin_and_fifo_within_a_user(node_settings: None)
     order = [prompts[0] for prompts in fake.calls]
     assert order[:3] == ["heavy-0", "light-1", "light-2"], "each light user waits at most one heavy job"
     assert order[3:] == [f"heavy-{i}" for i in range(1, 6)], "the heavy user's jobs run in order"
+
+
+def test_a_jobs_reported_queue_position_is_its_place_in_the_fair_order(node_settings: None):
+    """queue_position counts per user instead of reading the queue; it must agree with fair_order everywhere:
+    users never served, served long ago and just now, deep and shallow queues, and as the worker drains them."""
+    fake = FakeGeneratorForQueueTests()
+    worker = Worker(fake, max_batch=1)
+    counts = {"heavy": 7, "light-a": 1, "middle": 3, "light-b": 1, "deep": 5}
+    for round_number in range(max(counts.values())):
+        for user, count in counts.items():
+            if round_number < count:
+                submit(user, JobKind.TXT2IMG, job_payload(f"{user}-{round_number}"), detached=True)
+    for _ in range(6):
+        ordered = fair_order(list(Job.objects.queued()), worker.last_served)
+        reported = [queue_position(job, worker.last_served) for job in ordered]
+        assert [place.position if place else None for place in reported] == list(range(1, len(ordered) + 1))
+        assert {place.total for place in reported if place} == {len(ordered)}
+        assert worker.process_one()
+    finished = Job.objects.exclude(status=JobStatus.QUEUED).first()
+    assert finished is not None and queue_position(finished, worker.last_served) is None
 
 
 def test_it_limits_queued_jobs_per_user_and_in_total(node_settings: None):
