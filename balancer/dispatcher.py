@@ -393,12 +393,13 @@ def ensure_dispatcher() -> Dispatcher | None:
     return _dispatcher
 
 
-def ensure_balancer_threads() -> None:
+def ensure_balancer_threads(*, at_boot: bool = False) -> None:
     """The background work of a balancer process: the health checker and (SD_TASK_DISPATCHER=thread) the task
-    dispatcher. Started by the WSGI entry point and, idempotently, by every balancer request."""
+    dispatcher. Started by the WSGI entry point (`at_boot`: without waiting for a first health round) and,
+    idempotently, by every balancer request (a server that does not load sd_multi.wsgi, a forked process)."""
     from balancer.health import ensure_health_checker
 
-    ensure_health_checker()
+    ensure_health_checker(check_now=not at_boot)
     ensure_dispatcher()
 
 

@@ -233,10 +233,11 @@ _checker_pid = 0
 _checker_lock = threading.Lock()
 
 
-def ensure_health_checker() -> HealthChecker:
-    """Start this process's checker thread once (lazily, from the first balancer request, so management commands
-    and tests that never serve requests start none). Nodes nobody checked yet are checked right away, so the first
-    request after a start finds them up."""
+def ensure_health_checker(*, check_now: bool = True) -> HealthChecker:
+    """Start this process's checker thread once (from the WSGI entry point or the first balancer request, so
+    management commands and tests that never serve requests start none). With `check_now`, nodes nobody checked yet
+    are checked before returning, so the request that started the checker finds them up; at boot the thread's first
+    round does it (a process that is its own node cannot answer its own check before it serves)."""
     global _checker, _checker_pid
     if _checker is not None and _checker_pid == os.getpid():
         return _checker
@@ -246,7 +247,7 @@ def ensure_health_checker() -> HealthChecker:
             unchecked = [entry.url for entry in registry.nodes()]
             known = read_health(unchecked)
             missing = [url for url in unchecked if url not in known]
-            if missing:
+            if missing and check_now:
                 checker.check_round(missing)
             checker.start()
             _checker, _checker_pid = checker, os.getpid()

@@ -128,19 +128,27 @@ def lookup(pin_key: str, *, fresh: bool = False) -> PinLookup:
        when it still fails it is dropped: LOST when a generation was running on it or had failed with it, else NONE.
     """
     pin = current_pin(pin_key, fresh=fresh)
-    for attempt in range(2):
-        if pin is None:
-            return PinLookup(state=PinState.NONE)
-        node = routing.node_state(pin.node_url)
-        if not pin.lost and node is not None and node.healthy and node.boot_id == pin.boot_id:
-            return PinLookup(state=PinState.LIVE, pin=pin, node=node)
-        latest = current_pin(pin_key, fresh=True)
-        if attempt == 0 and latest != pin:
-            pin = latest
-            continue
-        unpin(pin_key)
-        return PinLookup(state=PinState.LOST if pin.generating or pin.lost else PinState.NONE, pin=pin, node=node)
-    raise AssertionError("the loop returns")
+    if pin is not None and _live_node(pin) is None and not fresh:
+        pin = current_pin(pin_key, fresh=True)  # this process's copy may be stale: judge the cache's pin
+    if pin is None:
+        return PinLookup(state=PinState.NONE)
+    node = _live_node(pin)
+    if node is not None:
+        return PinLookup(state=PinState.LIVE, pin=pin, node=node)
+    unpin(pin_key)
+    return PinLookup(
+        state=PinState.LOST if pin.generating or pin.lost else PinState.NONE,
+        pin=pin,
+        node=routing.node_state(pin.node_url),
+    )
+
+
+def _live_node(pin: Pin) -> NodeState | None:
+    """The pin's node when it still serves the pin: healthy (draining or not), the same boot, the pin not lost."""
+    node = routing.node_state(pin.node_url)
+    if not pin.lost and node is not None and node.healthy and node.boot_id == pin.boot_id:
+        return node
+    return None
 
 
 def start_cycle(

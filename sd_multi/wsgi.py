@@ -24,4 +24,4 @@ if settings.SD_NODE_ENABLED:
 if settings.SD_BALANCER_ENABLED:
     from balancer.dispatcher import ensure_balancer_threads
 
-    ensure_balancer_threads()
+    ensure_balancer_threads(at_boot=True)

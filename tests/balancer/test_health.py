@@ -3,6 +3,7 @@ failures, and the one-checker-per-cluster lock. Real nodes going down are in tes
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -202,3 +203,27 @@ def test_it_lets_one_process_per_cluster_check(
     cache.delete(registry.cluster_key("checker-lock"))  # the holder died and its lock expired
     assert other.hold_lock()
     assert not checker.hold_lock()
+
+
+@pytest.mark.django_db
+def test_a_checker_started_at_boot_leaves_its_first_round_to_its_thread(
+    monkeypatch: pytest.MonkeyPatch, clean_cache: None
+) -> None:
+    """At boot (sd_multi/wsgi.py) a process may be its own node (SD_ROLE=all) and cannot answer a check before it
+    serves: the check must not run in the importing thread. A request that starts the checker does check at once."""
+    rounds: list[str] = []
+
+    def check_round(self: HealthChecker, urls: Any = None) -> list[Any]:
+        rounds.append(threading.current_thread().name)
+        return []
+
+    monkeypatch.setattr(HealthChecker, "check_round", check_round)
+    monkeypatch.setattr(HealthChecker, "start", lambda self: None)  # no thread in the test process
+    with override_settings(SD_NODES=[NODE_A], SD_ROLE="balancer"):
+        registry.refresh()
+        monkeypatch.setattr(health, "_checker", None)
+        health.ensure_health_checker(check_now=False)
+        assert rounds == []
+        monkeypatch.setattr(health, "_checker", None)
+        health.ensure_health_checker()
+        assert rounds == [threading.current_thread().name]
